@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` (the main job end to end) and `make test` (install, then the tests).
+# Both create or reuse the virtual environment in $(VENV). GPU users: make TORCH_SPEC='torch==2.13.0' EXTRAS=gpu,test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= cpu,test
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall when the project's dependencies change; torch first, so that nothing pulls a CUDA build of it.
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/leadre demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf demo-run .pytest_cache
