@@ -53,11 +53,18 @@ def write_artifact(
     try:
         yield tmp, manifest
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is as readable as any new folder
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("%s: wrote %s %s", step, out, manifest["counts"])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(new: Path, out: Path) -> None:
