@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from leadre.artifacts import ArtifactError
+from leadre.config import DEMO_CONFIG
 
 log = logging.getLogger("leadre")
 
@@ -104,8 +105,8 @@ def _gate(args: argparse.Namespace) -> int:
     from leadre.gate import Policy, format_decision, gate
 
     policy = Policy(metric=args.metric, split=args.split, variant=args.variant, min_gain=args.min_gain,
-                    relative_gain=args.relative_gain, ecpm_metric=args.ecpm_metric,
-                    max_ecpm_drop=args.max_ecpm_drop, max_invalid_rate=args.max_invalid_rate)
+                    relative_gain=args.relative_gain, guard_metric=args.guard_metric,
+                    max_guard_drop=args.max_guard_drop, max_invalid_rate=args.max_invalid_rate)
     decision = gate(args.candidate, args.current, policy)
     print(format_decision(decision))
     if args.out:
@@ -143,10 +144,21 @@ def _train_dpo(args: argparse.Namespace) -> None:
           f"{m['heldout_margin_before']:.3f} -> {m['heldout_margin_after']:.3f}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from leadre.evaluate import BASELINES, evaluate
+    from leadre.gate import metrics_table
+
+    splits = ["validation", "test"] if args.split == "both" else [args.split]
+    report = evaluate(args.model, args.data, args.sids, args.out, splits=splits, beam=args.beam, users=args.users,
+                      baselines=BASELINES if not args.no_baselines else ())
+    print(metrics_table(report["results"], report["model"]))
+    print(f"wrote {args.out}: metrics.json, metrics.md, recall_at_k.png")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from leadre.demo import run_demo
 
-    run_demo(Path(args.out), users=args.users, seed=args.seed)
+    run_demo(Path(args.out), users=args.users, seed=args.seed, config=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "gate", help="promote a candidate evaluation over the deployed one, or keep the current model",
         description="Compare the evaluated model of --candidate with that of --current (evaluation directories with "
-                    "metrics.json). Promote only if the gate metric gains more than --min-gain, eCPM falls by at most "
-                    "--max-ecpm-drop and the invalid-ID rate stays within --max-invalid-rate; a missing or empty "
+                    "metrics.json). Promote only if the gate metric gains more than --min-gain, the guard metric falls "
+                    "by at most --max-guard-drop and the invalid-ID rate stays within --max-invalid-rate; a missing or empty "
                     "--current (first deployment) needs only the invalid-ID check. "
                     "Exit status: 0 promote, 1 keep current, 2 error (missing or malformed files).")
     p.add_argument("--candidate", type=Path, required=True, help="evaluation directory of the candidate model")
@@ -263,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the candidate must beat the current gate metric by more than this (default 0)")
     p.add_argument("--relative-gain", action="store_true",
                    help="--min-gain is a fraction of the current value (0.02 = 2%%), not an absolute difference")
-    p.add_argument("--ecpm-metric", default="ecpm@10", help="eCPM guard metric (default ecpm@10)")
-    p.add_argument("--max-ecpm-drop", type=float, default=0.05,
-                   help="largest allowed eCPM fall as a fraction of the current value (default 0.05)")
+    p.add_argument("--guard-metric", default="ecpm@10",
+                   help="metric that may not fall by more than --max-guard-drop (default ecpm@10)")
+    p.add_argument("--max-guard-drop", type=float, default=0.05,
+                   help="largest allowed fall of the guard metric as a fraction of the current value (default 0.05)")
     p.add_argument("--max-invalid-rate", type=float, default=0.01,
                    help="largest allowed invalid-ID rate of the candidate (default 0.01)")
     p.add_argument("--out", type=Path, default=None, help="also write the decision as JSON to this file")
@@ -299,10 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_train_dpo)
 
+    p = commands.add_parser("evaluate", help="Recall/NDCG/eCPM@K, invalid IDs, coverage for models and baselines")
+    p.add_argument("--model", type=Path, nargs="*", default=[], help="model directories (SFT, DPO, ...); the first "
+                                                                  "is the one `leadre gate` compares")
+    p.add_argument("--data", type=Path, required=True, help="data directory")
+    p.add_argument("--sids", type=Path, required=True, help="S-ID artifact")
+    p.add_argument("--out", type=Path, required=True, help="output evaluation directory")
+    p.add_argument("--split", choices=["validation", "test", "both"], default="validation")
+    p.add_argument("--beam", type=int, default=50, help="beam width (at least the largest K, 50)")
+    p.add_argument("--users", type=int, default=None, help="evaluate a random sample of this many users")
+    p.add_argument("--no-baselines", action="store_true", help="skip popularity and co-occurrence")
+    p.set_defaults(func=_evaluate)
+
     p = commands.add_parser("demo", help="the README's main job: every step end to end on the synthetic marketplace")
     p.add_argument("--out", default="demo-run", help="working directory for all artifacts (default demo-run)")
     p.add_argument("--users", type=int, default=2000, help="synthetic users (default 2000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"YAML config (default {DEMO_CONFIG.name})")
     p.set_defaults(func=_demo)
     return parser
 

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs: demo.yaml, movielens-1m.yaml
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 class ConfigError(ValueError):

@@ -205,7 +205,8 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
     parameters = {"settings": dataclasses.asdict(settings)}
     with write_artifact(out, "train dpo", {"model": model_dir, "prompts": prompts_dir, "data": data_dir}, parameters) as (tmp, manifest):
         metadata = save_model(trained, tokenizer, tmp, {
-            **{k: sft_meta[k] for k in ("base", "level_sizes", "prompts", "sids", "data_version") if k in sft_meta},
+            **{k: sft_meta[k] for k in ("base", "level_sizes", "prompts", "sids", "data_version", "prompt_config")
+               if k in sft_meta},
             "stage": "dpo",
             "sft_model": str(model_dir),
             "metrics": {"heldout_margin_before": margin_before, "heldout_margin_after": margin_after},

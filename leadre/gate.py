@@ -132,9 +132,15 @@ class Policy:
     variant: str = "seen_kept"
     min_gain: float = 0.0  # the candidate must beat the current model by more than this
     relative_gain: bool = False  # min_gain is a fraction of the current value rather than a difference
-    ecpm_metric: str = "ecpm@10"
-    max_ecpm_drop: float = 0.05  # the largest allowed fall of ecpm_metric, as a fraction of the current value
+    guard_metric: str = "ecpm@10"  # a metric that may not fall much while the gate metric rises
+    max_guard_drop: float = 0.05  # the largest allowed fall of guard_metric, as a fraction of the current value
     max_invalid_rate: float = 0.01  # the largest allowed invalid_id_rate of the candidate
+
+
+# Deploying a new model: it must recall better without losing much eCPM.
+DEPLOY_POLICY = Policy()
+# DPO over its SFT model: DPO exists to raise eCPM, so it ships if eCPM@10 rises while Recall@10 falls by at most 2%.
+DPO_POLICY = Policy(metric="ecpm@10", relative_gain=True, guard_metric="recall@10", max_guard_drop=0.02)
 
 
 @dataclass(frozen=True)
@@ -180,8 +186,8 @@ def decide(candidate_metrics: Any, current_metrics: Any | None, policy: Policy =
     `MetricsError` naming the side and key when either document lacks what the policy reads."""
     p = policy
     where = f"{p.split}/{p.variant}"
-    candidate = _numbers(candidate_metrics, "candidate", p, (p.metric, p.ecpm_metric, "invalid_id_rate"))
-    current = None if current_metrics is None else _numbers(current_metrics, "current", p, (p.metric, p.ecpm_metric))
+    candidate = _numbers(candidate_metrics, "candidate", p, (p.metric, p.guard_metric, "invalid_id_rate"))
+    current = None if current_metrics is None else _numbers(current_metrics, "current", p, (p.metric, p.guard_metric))
 
     invalid = candidate["invalid_id_rate"]
     checks = [(invalid <= p.max_invalid_rate, f"invalid-ID rate {invalid:.4f} (limit {p.max_invalid_rate:.4f})")]
@@ -194,10 +200,10 @@ def decide(candidate_metrics: Any, current_metrics: Any | None, policy: Policy =
             gain = new - old
             shown = f"{gain:+.4f}, must exceed {p.min_gain:.4f}"
         checks.append((gain > p.min_gain, f"{where} {p.metric} {new:.4f} vs current {old:.4f} (gain {shown})"))
-        new_ecpm, old_ecpm = candidate[p.ecpm_metric], current[p.ecpm_metric]
-        drop = (old_ecpm - new_ecpm) / old_ecpm if old_ecpm else 0.0
-        checks.append((drop <= p.max_ecpm_drop, f"{where} {p.ecpm_metric} {new_ecpm:.4f} vs current {old_ecpm:.4f} "
-                                                 f"(drop {drop:.2%}, limit {p.max_ecpm_drop:.2%})"))
+        new_guard, old_guard = candidate[p.guard_metric], current[p.guard_metric]
+        drop = (old_guard - new_guard) / old_guard if old_guard else 0.0
+        checks.append((drop <= p.max_guard_drop, f"{where} {p.guard_metric} {new_guard:.4f} vs current {old_guard:.4f} "
+                                                  f"(drop {drop:.2%}, limit {p.max_guard_drop:.2%})"))
     failed = [text for ok, text in checks if not ok]
     if failed:
         return Decision(False, "; ".join(failed), p, candidate, current)

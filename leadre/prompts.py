@@ -19,6 +19,7 @@ import json
 import logging
 import re
 from collections import Counter
+from itertools import chain
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,14 +185,11 @@ def interest_summary(ads: Sequence[str], contents: Sequence[str], cat: Catalogue
     """Long-term interest as text: top categories, advertisers and keywords with their shares."""
     if not ads and not contents:
         return "none yet."
-    categories = Counter(cat.ad_category[a] for a in ads)
-    categories.update(cat.content_category[c] for c in contents)
-    advertisers = Counter(cat.ad_advertiser[a] for a in ads)
-    keywords: Counter = Counter()
-    for a in ads:
-        keywords.update(cat.ad_keywords[a])
-    for c in contents:
-        keywords.update(cat.content_keywords[c])
+    # One C-level count per field: this runs for every prompt the near-line service builds.
+    categories = Counter(chain(map(cat.ad_category.__getitem__, ads), map(cat.content_category.__getitem__, contents)))
+    advertisers = Counter(map(cat.ad_advertiser.__getitem__, ads))
+    keywords = Counter(chain.from_iterable(chain(map(cat.ad_keywords.__getitem__, ads),
+                                                 map(cat.content_keywords.__getitem__, contents))))
     parts = ["categories " + ", ".join(f"{k} {w}%" for k, w in _weights(categories, cfg.top_categories))]
     if advertisers:
         parts.append("advertisers " + ", ".join(f"{k} {w}%" for k, w in _weights(advertisers, cfg.top_advertisers)))
@@ -247,22 +245,36 @@ def _fit(history: UserHistory, cat: Catalogue, cfg: PromptConfig, template: Temp
     """The header and the ad window (at most `max_ads` ads) within the prompt budget: the oldest ads go first,
     then the oldest contents."""
     ads, limit = history.ads, cfg.max_content_items
-    # The window depends on the header's size and the header (its summary of older ads) on the window: size the
-    # window with a summary over all ads, then shrink it in the rare case the real header is longer.
-    _, fixed, _ = _header(history, 0, limit, cat, cfg, template, profile_order)
+    # The window depends on the header's size and the header (its summary of the ads older than the window) on the
+    # window. Start from the header of a window of every ad (the shortest summary), then move the oldest ads of the
+    # window into the summary until the whole prompt fits; each round removes at least the overflow.
+    _, fixed, _ = _header(history, len(ads), limit, cat, cfg, template, profile_order)
     n = _suffix(ads, cost, max(0, cfg.max_prompt_tokens - fixed), min(len(ads), max_ads))
     while True:
         head, used, shown = _header(history, n, limit, cat, cfg, template, profile_order)
         window = ads[len(ads) - n:] if n else []
-        if used + _window_cost(window, cost) <= cfg.max_prompt_tokens:
+        over = used + _window_cost(window, cost) - cfg.max_prompt_tokens
+        if over <= 0:
             return head, window
         if n:
-            n -= 1
+            n -= _covering(window, cost, over)
         elif shown:
             limit = shown - 1
         else:
             raise ValueError(f"max_prompt_tokens={cfg.max_prompt_tokens} is too small: the task, profile and interest "
                              f"summary of user {history.user_id!r} alone take {used} pieces")
+
+
+def _covering(window: Sequence[str], cost: dict[str, int] | int, over: int) -> int:
+    """How many of the oldest items of `window` cost at least `over` pieces together."""
+    if isinstance(cost, int):
+        return min(len(window), -(-over // cost))
+    dropped = 0
+    for n, item in enumerate(window, 1):
+        dropped += cost[item]
+        if dropped >= over:
+            return n
+    return len(window)
 
 
 def build_prompt(history: UserHistory, cat: Catalogue, cfg: PromptConfig, template: Template = TEMPLATES[0],
@@ -356,6 +368,14 @@ def _eval_example(t: UserTimeline, target_index: int, cat: Catalogue, cfg: Promp
     history = t.history(int(t.ad_pos[target_index]))
     return {"task": "next_ad", "template": TEMPLATES[0].name, "user_id": t.user_id, "target": t.ads[target_index],
             "seen": history.ads, "prompt": build_prompt(history, cat, cfg), "completion": cat.sid[t.ads[target_index]]}
+
+
+def eval_examples(tables: Tables, split: Split, which: str, cat: Catalogue, cfg: PromptConfig) -> dict[str, dict[str, Any]]:
+    """Per evaluated user, the plain next-ad example of their `which` ('validation' or 'test') target."""
+    offset = {"validation": 2, "test": 1}[which]  # the last positive is the test target, the one before validation
+    evaluated = split.users.set_index("user_id")["test_pos"] >= 0
+    return {t.user_id: _eval_example(t, len(t.ads) - offset, cat, cfg)
+            for t in user_timelines(tables, split) if evaluated[t.user_id]}
 
 
 def build_prompt_sets(tables: Tables, split: Split, sids: SidTable, cfg: PromptConfig) -> dict[str, list[dict[str, Any]]]:

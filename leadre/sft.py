@@ -17,6 +17,7 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 
 from leadre.artifacts import read_manifest, write_artifact
 from leadre.config import ConfigError
-from leadre.metrics import KS
+from leadre.metrics import KS, ndcg_at, recall_at
 from leadre.model import PRESETS, build_model, create_model, resolve_config, save_model
 from leadre.prompts import TASKS, read_prompts
 from leadre.recall import LLMRecaller
@@ -55,6 +56,7 @@ class TrainSettings:
     evals_per_epoch: float = 1.0
     eval_users: int = 300  # validation users scored by constrained decoding at each evaluation
     beam: int = 20
+    max_minutes: float | None = None  # wall-clock budget for training; stops early (after a last evaluation)
     threads: int = 2
     seed: int = 0
 
@@ -95,15 +97,13 @@ def tokenize_examples(examples: Sequence[dict[str, Any]], tokenizer: PreTrainedT
 
 
 def validation_recall(recaller: LLMRecaller, examples: Sequence[dict[str, Any]], beam: int) -> dict[str, float]:
-    """Recall@K and NDCG@K (seen kept) of constrained decoding on validation next-ad examples."""
-    ranked = recaller.recall([e["prompt"] for e in examples], top_n=beam, beam_width=beam)
-    ranks = np.array([next((i for i, (ad, _) in enumerate(r) if ad == e["target"]), math.inf)
-                      for r, e in zip(ranked, examples)])
-    out = {}
-    for k in (k for k in KS if k <= beam):
-        out[f"recall@{k}"] = float((ranks < k).mean())
-        out[f"ndcg@{k}"] = float(np.where(ranks < k, 1 / np.log2(np.minimum(ranks, 1e9) + 2), 0).mean())
-    return out
+    """Recall@K and NDCG@K (seen kept) of constrained decoding on validation next-ad examples; K up to the beam
+    width, and at least 10 (the checkpoint-selection metric)."""
+    top_n = max(beam, 10)
+    ranked = recaller.recall([e["prompt"] for e in examples], top_n=top_n, beam_width=top_n)
+    ranks = np.array([next((i for i, (ad, _) in enumerate(r) if ad == e["target"]), -1) for r, e in zip(ranked, examples)])
+    ks = [k for k in KS if k <= top_n]
+    return {f"recall@{k}": recall_at(ranks, k) for k in ks} | {f"ndcg@{k}": ndcg_at(ranks, k) for k in ks}
 
 
 class RecallSFTTrainer(SFTTrainer):
@@ -125,17 +125,28 @@ class RecallSFTTrainer(SFTTrainer):
         return metrics
 
 
-class _StepTimer(TrainerCallback):
-    """Counts the tokens trained on, for a tokens/s figure that ignores evaluation time."""
+class _Clock(TrainerCallback):
+    """Times the training steps (for a tokens/s figure without evaluation) and stops at a wall-clock budget,
+    evaluating and saving once more so that the best checkpoint sees the final weights."""
 
-    def __init__(self) -> None:
-        self.seconds, self.started = 0.0, 0.0
+    def __init__(self, max_minutes: float | None) -> None:
+        self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
+        self.step_seconds, self.step_started, self.train_started = 0.0, 0.0, 0.0
+        self.stopped_early = False
 
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (transformers' callback signature)
-        self.started = time.perf_counter()
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (transformers' callback signature)
+        self.train_started = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.seconds += time.perf_counter() - self.started
+        now = time.perf_counter()
+        self.step_seconds += now - self.step_started
+        if self.max_seconds is not None and now - self.train_started > self.max_seconds and not control.should_training_stop:
+            log.info("sft: time budget of %.1f minutes reached at step %d", self.max_seconds / 60, state.global_step)
+            control.should_training_stop = control.should_evaluate = control.should_save = True
+            self.stopped_early = True
 
 
 def plot_curves(log_history: list[dict[str, Any]], path: Path) -> None:
@@ -200,7 +211,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
     steps_per_epoch = math.ceil(len(train_ds) / settings.batch_size)
     eval_steps = max(1, int(steps_per_epoch / settings.evals_per_epoch))
     log.info("sft: %d training examples (%s), %d tokens per epoch, %d steps per epoch, evaluation every %d steps",
-             len(train_ds), dict(zip(*np.unique(train_ds["task"], return_counts=True))), n_tokens, steps_per_epoch, eval_steps)
+             len(train_ds), dict(Counter(train_ds["task"])), n_tokens, steps_per_epoch, eval_steps)
 
     args = SFTConfig(
         output_dir=str(work / "checkpoints"),
@@ -232,9 +243,9 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
         data_seed=settings.seed,
         dataloader_num_workers=0,
     )
-    timer = _StepTimer()
+    clock = _Clock(settings.max_minutes)
     trainer = RecallSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               processing_class=tokenizer, callbacks=[timer], sids=sids,
+                               processing_class=tokenizer, callbacks=[clock], sids=sids,
                                recall_examples=recall_examples, beam=settings.beam)
     checkpoint = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
     if checkpoint:
@@ -257,11 +268,13 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
             "sids": str(sids_dir),
             "data_version": prompts_manifest["inputs"].get("data"),
             "prompts_created_at": prompts_manifest["created_at"],
+            "prompt_config": prompts_manifest["parameters"],
             "metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "best_validation_recall@10": best,
             "training": {"steps": trainer.state.global_step, "epochs": settings.epochs, "wall_seconds": round(wall, 1),
-                         "tokens_per_second": round(trained_tokens / max(timer.seconds, 1e-9), 1),
+                         "tokens_per_second": round(trained_tokens / max(clock.step_seconds, 1e-9), 1),
+                         "stopped_at_time_budget": clock.stopped_early,
                          "examples_per_epoch": len(train_ds), "tokens_per_epoch": n_tokens,
                          "resumed_from": checkpoint},
         })

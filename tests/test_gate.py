@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from leadre.cli import build_parser, main
-from leadre.gate import (METRICS_FILE, PLOT_FILE, TABLE_FILE, MetricsError, Policy, decide, read_evaluation,
-                         write_evaluation)
+from leadre.gate import (DPO_POLICY, METRICS_FILE, PLOT_FILE, TABLE_FILE, MetricsError, Policy, decide,
+                         read_evaluation, write_evaluation)
 
 
 def document(recall: float, ecpm: float = 100.0, invalid: float = 0.0, model: str = "sft") -> dict:
@@ -34,11 +34,20 @@ def test_min_gain_absolute_and_relative() -> None:
 
 
 def test_guards_keep_the_current_model() -> None:
-    ecpm_drop = decide(document(0.30, ecpm=90.0), document(0.20, ecpm=100.0), Policy(max_ecpm_drop=0.05))
+    ecpm_drop = decide(document(0.30, ecpm=90.0), document(0.20, ecpm=100.0), Policy(max_guard_drop=0.05))
     assert not ecpm_drop.promote and "ecpm@10 90.0000 vs current 100.0000 (drop 10.00%" in ecpm_drop.reason
-    assert decide(document(0.30, ecpm=96.0), document(0.20, ecpm=100.0), Policy(max_ecpm_drop=0.05)).promote
+    assert decide(document(0.30, ecpm=96.0), document(0.20, ecpm=100.0), Policy(max_guard_drop=0.05)).promote
     invalid = decide(document(0.30, invalid=0.02), document(0.20))
     assert not invalid.promote and "invalid-ID rate 0.0200" in invalid.reason
+
+
+def test_dpo_ships_only_when_ecpm_rises_without_losing_recall() -> None:
+    sft = document(0.20, ecpm=100.0)
+    assert decide(document(0.20, ecpm=107.0), sft, DPO_POLICY).promote
+    assert decide(document(0.197, ecpm=107.0), sft, DPO_POLICY).promote  # -1.5% recall is within the 2% guard
+    lost_recall = decide(document(0.19, ecpm=120.0), sft, DPO_POLICY)
+    assert not lost_recall.promote and "recall@10 0.1900 vs current 0.2000 (drop 5.00%" in lost_recall.reason
+    assert not decide(document(0.25, ecpm=99.0), sft, DPO_POLICY).promote  # more recall alone is not DPO's job
 
 
 def test_first_deployment_promotes_unless_ids_are_invalid() -> None:

@@ -1,0 +1,124 @@
+"""Recall quality under a CPU budget, with the ablations of the design: what each idea buys.
+
+    python bench/quality.py --data DIR --name NAME [--config YAML] [--minutes 20] [--split test]
+
+One S-ID build, then per variant: prompts, SFT for at most `--minutes` of wall-clock time (the same budget for
+every variant), and for the full system DPO on top; finally one evaluation of every model and the baselines on the
+same users (leave-one-out, full ranking over the active ads). Variants:
+
+- full: SFT with alignment tasks and augmentation, then DPO (the gate's decision against SFT is reported);
+- no_dpo: the full system's SFT model;
+- no_alignment: no explicit or implicit alignment examples;
+- no_augmentation: one template, fixed profile order, no positive-interaction reuse (only each user's last
+  training positive is a target).
+
+Writes bench/results/quality-NAME.{json,md} and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from leadre.config import read_config, section
+from leadre.dpo import DPOSettings, train_dpo
+from leadre.evaluate import evaluate
+from leadre.gate import DPO_POLICY, SCHEMA_VERSION, decide
+from leadre.prompts import PromptConfig, build_prompts
+from leadre.semantic_ids import build_sids
+from leadre.sft import TrainSettings, train_sft
+
+VARIANTS = {
+    "full": {},
+    "no_alignment": {"implicit_per_user": 0, "explicit_repeats": 0},
+    "no_augmentation": {"templates": 1, "shuffle_profile": False, "reuse": "last"},
+}
+COLUMNS = [("validation", "seen_kept"), ("test", "seen_kept"), ("test", "seen_excluded")]
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = read_config(args.config)
+    work = args.work / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    sids = build_sids(args.data, work / "sids", seed=args.seed)
+    timings["sids"] = time.perf_counter() - started
+    models: dict[str, Path] = {}
+    for variant in args.variants:
+        prompt_cfg = dataclasses.replace(section(config, "prompts", PromptConfig, str(args.config)), **VARIANTS[variant])
+        build_prompts(args.data, work / "sids", work / f"prompts-{variant}", prompt_cfg)
+        settings = section(config, "sft", TrainSettings, str(args.config), max_minutes=args.minutes, seed=args.seed)
+        started = time.perf_counter()
+        train_sft(work / f"prompts-{variant}", work / "sids", work / f"sft-{variant}", args.preset, settings,
+                  config.get("model") or {})
+        timings[f"sft-{variant}"] = time.perf_counter() - started
+        models["no_dpo" if variant == "full" else variant] = work / f"sft-{variant}"
+    if "full" in args.variants:
+        started = time.perf_counter()
+        train_dpo(work / "sft-full", work / "prompts-full", args.data, work / "dpo-full",
+                  section(config, "dpo", DPOSettings, str(args.config), seed=args.seed))
+        timings["dpo-full"] = time.perf_counter() - started
+        models = {"full": work / "dpo-full", **models}
+
+    started = time.perf_counter()
+    report = evaluate(list(models.values()), args.data, work / "sids", work / "evaluation", splits=("validation", "test"),
+                      beam=args.beam, users=args.eval_users, names=list(models))
+    timings["evaluate"] = time.perf_counter() - started
+    results = report["results"]
+    document = {"schema_version": SCHEMA_VERSION, "results": results}
+    gate = decide(document | {"model": "full"}, document | {"model": "no_dpo"}, DPO_POLICY) if "full" in results else None
+    return {
+        "name": args.name, "data": str(args.data), "config": str(args.config), "minutes_per_sft": args.minutes,
+        "preset": args.preset, "eval_users": args.eval_users, "beam": args.beam, "sids": sids["stats"],
+        "results": results, "dpo_gate": gate.as_dict() if gate else None,
+        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
+    }
+
+
+def table(report: dict) -> str:
+    head = "| variant | " + " | ".join(f"R@10 / NDCG@10 {s}, {v.replace('_', ' ')}" for s, v in COLUMNS) + " | eCPM@10 (test) |"
+    lines = [f"# Quality: {report['name']} ({report['data']})", "",
+             f"SFT budget {report['minutes_per_sft']} min per variant, preset {report['preset']}, beam {report['beam']}, "
+             f"{report['machine']}.", "", head, "|---" * (len(COLUMNS) + 2) + "|"]
+    for name, splits in report["results"].items():
+        cells = [f"{splits[s][v]['recall@10']:.4f} / {splits[s][v]['ndcg@10']:.4f}" for s, v in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {splits['test']['seen_kept']['ecpm@10']:.2f} |")
+    if report["dpo_gate"]:
+        lines += ["", f"DPO gate (full vs no_dpo, validation): {'promote' if report['dpo_gate']['promote'] else 'keep SFT'}"
+                      f" — {report['dpo_gate']['reason']}"]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:,.0f}" for k, v in report["timings_seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a data directory (leadre data synth / movielens)")
+    parser.add_argument("--name", required=True, help="names the results: bench/results/quality-NAME.*")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (prompts, model, sft, dpo sections)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--minutes", type=float, default=20.0, help="SFT wall-clock budget per variant")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--eval-users", type=int, default=None, help="evaluate a sample of users (default: all)")
+    parser.add_argument("--beam", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("bench/results/work"))
+    args = parser.parse_args()
+    report = run(args)
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality-{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = table(report)
+    (out / f"quality-{args.name}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
