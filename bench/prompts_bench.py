@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leadre.prompts import Catalogue, PromptConfig, build_prompt, count_pieces, user_timelines
+from leadre.prompts import PromptCatalogue, PromptConfig, build_prompt, count_pieces, user_timelines
 from leadre.schema import positive_actions_of, read_data_dir
 from leadre.sid import load_sid_table
 from leadre.split import leave_one_out
@@ -34,7 +34,7 @@ def main() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as the target says
 
     tables = read_data_dir(args.data)
-    cat = Catalogue.build(tables.ads, tables.contents, load_sid_table(args.sids))
+    cat = PromptCatalogue.build(tables.ads, tables.contents, load_sid_table(args.sids))
     split = leave_one_out(tables.events, positive_actions_of(args.data))
     everything = len(split.events)
     histories = [t.history(everything) for t in user_timelines(tables, split)]

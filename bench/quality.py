@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -30,7 +31,7 @@ from leadre.dpo import DPOSettings, train_dpo
 from leadre.evaluate import evaluate
 from leadre.gate import DPO_POLICY, SCHEMA_VERSION, decide
 from leadre.prompts import PromptConfig, build_prompts
-from leadre.semantic_ids import build_sids
+from leadre.semantic_ids import SidSettings, build_sids
 from leadre.sft import TrainSettings, train_sft
 
 VARIANTS = {
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    sids = build_sids(args.data, work / "sids", seed=args.seed)
+    sid_settings = section(config, "sids", SidSettings, str(args.config), seed=args.seed)
+    sids = build_sids(args.data, work / "sids", **dataclasses.asdict(sid_settings))
     timings["sids"] = time.perf_counter() - started
     models: dict[str, Path] = {}
     for variant in args.variants:
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("bench/results/work"))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     report = run(args)
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -71,11 +72,14 @@ def _data_stats(args: argparse.Namespace) -> None:
 
 
 def _sids_build(args: argparse.Namespace) -> None:
-    from leadre.semantic_ids import build_sids, summary
+    from leadre.config import read_config, section
+    from leadre.semantic_ids import SidSettings, build_sids, summary
 
-    manifest = build_sids(args.data, args.out, levels=args.levels, codes=args.codes, seed=args.seed, iters=args.iters,
-                          behaviour_weight=args.behaviour_weight, behaviour_dim=args.behaviour_dim,
-                          window=args.window, cache_dir=args.cache, batch_size=args.batch_size)
+    settings = section(read_config(args.config), "sids", SidSettings, str(args.config), levels=args.levels,
+                       codes=args.codes, seed=args.seed, iters=args.iters, behaviour_weight=args.behaviour_weight,
+                       behaviour_dim=args.behaviour_dim, window=args.window)
+    manifest = build_sids(args.data, args.out, **dataclasses.asdict(settings), cache_dir=args.cache,
+                          batch_size=args.batch_size)
     print(f"wrote {args.out}: S-IDs {manifest['level_sizes']}; {summary(manifest['stats'])}")
 
 
@@ -150,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     splits = ["validation", "test"] if args.split == "both" else [args.split]
     report = evaluate(args.model, args.data, args.sids, args.out, splits=splits, beam=args.beam, users=args.users,
-                      baselines=BASELINES if not args.no_baselines else ())
+                      baselines=BASELINES if not args.no_baselines else (), renormalize=args.renormalize)
     print(metrics_table(report["results"], report["model"]))
     print(f"wrote {args.out}: metrics.json, metrics.md, recall_at_k.png")
 
@@ -219,16 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sids_cmds.add_parser("build", help="embed ad text, residual k-means into L levels x K codes, plus a collision level")
     p.add_argument("--data", type=Path, required=True, help="input data directory")
     p.add_argument("--out", type=Path, required=True, help="output S-ID artifact directory")
-    p.add_argument("--levels", type=int, default=3, help="k-means levels before the collision level (default 3)")
-    p.add_argument("--codes", type=int, default=256,
+    p.add_argument("--config", type=Path, default=None, help="YAML config; its `sids` section sets these options")
+    p.add_argument("--levels", type=int, default=None, help="k-means levels before the collision level (default 3)")
+    p.add_argument("--codes", type=int, default=None,
                    help="codes per level (default 256); small catalogues use min(K, ceil(sqrt(number of ads)))")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same S-IDs")
-    p.add_argument("--iters", type=int, default=25, help="k-means iterations per level at most (default 25)")
-    p.add_argument("--behaviour-weight", type=float, default=0.3,
+    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same S-IDs")
+    p.add_argument("--iters", type=int, default=None, help="k-means iterations per level at most (default 25)")
+    p.add_argument("--behaviour-weight", type=float, default=None,
                    help="share in [0, 1) of the item co-occurrence embedding (training positives only) blended "
                         "into the text vectors before quantising (default 0.3; 0: text only)")
-    p.add_argument("--behaviour-dim", type=int, default=64, help="dimensions of the co-occurrence embedding (default 64)")
-    p.add_argument("--window", type=int, default=5, help="positives at most this far apart co-occur (default 5)")
+    p.add_argument("--behaviour-dim", type=int, default=None, help="dimensions of the co-occurrence embedding (default 64)")
+    p.add_argument("--window", type=int, default=None, help="positives at most this far apart co-occur (default 5)")
     p.add_argument("--cache", type=Path, default=None, help=cache_help)
     p.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch (default 64)")
     p.set_defaults(func=_sids_build)
@@ -322,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=50, help="beam width (at least the largest K, 50)")
     p.add_argument("--users", type=int, default=None, help="evaluate a random sample of this many users")
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and co-occurrence")
+    p.add_argument("--renormalize", action="store_true",
+                   help="score each S-ID code by its softmax over the codes the trie allows (default: full softmax)")
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("demo", help="the README's main job: every step end to end on the synthetic marketplace")

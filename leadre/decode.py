@@ -98,12 +98,14 @@ def search_batch(
     top_n: int,
     beam_width: int,
     excluded: torch.Tensor | None = None,
+    renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search for U users at once → (leaf nodes (U, n), scores (U, n)), best first, n ≤ top_n. The trie and
     the search's bookkeeping live on the CPU; the model may run anywhere.
 
     `excluded` holds keys `user * len(trie) + leaf` of complete S-IDs that user must not get. Where fewer than
-    `top_n` valid S-IDs exist the tail has score -inf (and a meaningless leaf)."""
+    `top_n` valid S-IDs exist the tail has score -inf (and a meaningless leaf). `renormalize` scores each code by
+    its softmax over the allowed codes only, so mass the model puts on invalid tokens costs no prefix anything."""
     n_users = len(input_ids)
     logits, state = model.prefill(input_ids, attention_mask)
     scores = torch.zeros(n_users, 1)
@@ -112,11 +114,14 @@ def search_batch(
         size, beams = trie.level_sizes[level], scores.shape[1]
         last = level == trie.levels - 1
         # the full-vocabulary softmax stays on the model's device; only this level's K columns come to the trie
-        log_probs = torch.log_softmax(logits, dim=-1).index_select(1, trie.token_ids[level].to(logits.device)).cpu()
+        level_ids = trie.token_ids[level].to(logits.device)
+        log_probs = (logits.index_select(1, level_ids) if renormalize else torch.log_softmax(logits, dim=-1).index_select(1, level_ids)).cpu()
         allowed, children = trie.allowed(level, nodes)
         if last and excluded is not None:
             users = torch.arange(n_users).repeat_interleave(beams)[:, None]
             allowed &= ~torch.isin(users * len(trie) + children, excluded)
+        if renormalize:  # a row that allows nothing gets NaNs here; the mask below turns them into -inf
+            log_probs = log_probs.masked_fill(~allowed, -torch.inf).log_softmax(dim=-1)
         candidates = (scores.view(-1, 1) + log_probs).masked_fill_(~allowed, -torch.inf).view(n_users, -1)
         width = min(top_n if last else beam_width, candidates.shape[1])
         scores, picked = candidates.topk(width, dim=1)
@@ -137,6 +142,7 @@ def search(
     batch_size: int = 32,
     pad_id: int = 0,
     progress: bool = True,
+    renormalize: bool = False,
 ) -> list[list[tuple[str, float]]]:
     """Per prompt (token ids), the top `top_n` distinct active ads with their scores, best first.
 
@@ -151,7 +157,7 @@ def search(
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([prompts[i] for i in chunk], pad_id)
             excluded = None if exclude is None else exclusion_keys(trie, [exclude[i] for i in chunk])
-            leaves, scores = search_batch(model, trie, input_ids, attention_mask, top_n, beam_width, excluded)
+            leaves, scores = search_batch(model, trie, input_ids, attention_mask, top_n, beam_width, excluded, renormalize)
             for i, user_leaves, user_scores in zip(chunk, leaves, scores):
                 valid = torch.isfinite(user_scores)
                 results[i] = list(zip(trie.ads_at(user_leaves[valid]).tolist(), user_scores[valid].tolist()))

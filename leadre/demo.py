@@ -7,7 +7,7 @@ SFT) → one recall request answered by the promoted model. It says what each st
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,17 +15,15 @@ from leadre.config import DEMO_CONFIG, read_config, section
 from leadre.dpo import DPOSettings, train_dpo
 from leadre.evaluate import evaluate
 from leadre.gate import DPO_POLICY, decide, format_decision, read_evaluation
-from leadre.prompts import Catalogue, PromptConfig, build_prompt, build_prompts, user_timelines
+from leadre.prompts import PromptCatalogue, PromptConfig, build_prompt, build_prompts, user_timelines
 from leadre.recall import LLMRecaller
 from leadre.schema import read_data_dir, write_data_dir
-from leadre.semantic_ids import build_sids, summary
+from leadre.semantic_ids import SidSettings, build_sids, summary
 from leadre.sft import TrainSettings, train_sft
 from leadre.sid import load_sid_table
 from leadre.split import leave_one_out
 from leadre.stats import data_stats, format_stats
 from leadre.synth import POSITIVE_ACTIONS, SynthConfig, generate, synth_parameters
-
-log = logging.getLogger(__name__)
 
 
 def _step(name: str, started: float, what: str) -> None:
@@ -44,7 +42,7 @@ def run_demo(out: Path, users: int = 2000, seed: int = 0, config: Path = DEMO_CO
     print(format_stats(data_stats(tables, list(POSITIVE_ACTIONS))))
 
     t = time.perf_counter()
-    manifest = build_sids(out / "data", out / "sids", seed=seed)
+    manifest = build_sids(out / "data", out / "sids", **dataclasses.asdict(section(cfg, "sids", SidSettings, source, seed=seed)))
     _step("sids", t, f"{summary(manifest['stats'])} -> {out / 'sids'}")
 
     t = time.perf_counter()
@@ -77,7 +75,7 @@ def run_demo(out: Path, users: int = 2000, seed: int = 0, config: Path = DEMO_CO
     sids = load_sid_table(out / "sids")
     timeline = next(user_timelines(tables, leave_one_out(tables.events, POSITIVE_ACTIONS)))
     history = timeline.history(len(tables.events))  # everything the user has done so far
-    prompt = build_prompt(history, Catalogue.build(tables.ads, tables.contents, sids), prompt_cfg)
+    prompt = build_prompt(history, PromptCatalogue.build(tables.ads, tables.contents, sids), prompt_cfg)
     active = set(tables.ads.loc[tables.ads["active"], "ad_id"])
     recalled = LLMRecaller.from_dir(out / promoted, sids, active).recall([prompt], top_n=10, beam_width=20)[0]
     ads = read_data_dir(out / "data", validate=False).ads.set_index("ad_id")

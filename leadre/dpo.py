@@ -26,7 +26,7 @@ from trl import DPOConfig, DPOTrainer
 
 from leadre.artifacts import read_manifest, write_artifact
 from leadre.model import PRESETS, add_lora, load_model, save_model
-from leadre.prompts import Catalogue, PromptConfig, build_prompt, user_timelines
+from leadre.prompts import PromptCatalogue, PromptConfig, build_prompt, user_timelines
 from leadre.recall import LLMRecaller
 from leadre.schema import positive_actions_of, read_data_dir
 from leadre.sid import load_sid_table
@@ -84,7 +84,7 @@ def build_pairs(data_dir: str | Path, prompts_dir: str | Path, recaller: LLMReca
     tables = read_data_dir(data_dir)
     sids = load_sid_table(manifest["inputs"]["sids"])
     split = leave_one_out(tables.events, positive_actions_of(data_dir), cfg.min_positives)
-    cat = Catalogue.build(tables.ads, tables.contents, sids)
+    cat = PromptCatalogue.build(tables.ads, tables.contents, sids)
     ecpm = dict(zip(tables.ads["ad_id"], tables.ads["ecpm"]))
     evaluated = split.users.set_index("user_id")["test_pos"] >= 0
     rng = np.random.default_rng(settings.seed)
@@ -92,7 +92,7 @@ def build_pairs(data_dir: str | Path, prompts_dir: str | Path, recaller: LLMReca
     timelines = list(user_timelines(tables, split))
     timelines = [timelines[i] for i in sorted(rng.choice(len(timelines), min(settings.max_users, len(timelines)), replace=False))]
     pairs: list[dict[str, Any]] = []
-    mining: list[tuple[str, str, set[str]]] = []  # (prompt, chosen, ads the user engaged with)
+    to_mine: list[tuple[dict[str, Any], set[str]]] = []  # generated pairs still without a rejected ad, and what the user engaged with
     for t in timelines:
         n_train = len(t.ads) - 2 if evaluated[t.user_id] else len(t.ads)
         if n_train < 1:
@@ -105,15 +105,14 @@ def build_pairs(data_dir: str | Path, prompts_dir: str | Path, recaller: LLMReca
             pairs.append({"kind": "ecpm", "user_id": t.user_id, "prompt": prompt, "chosen": cat.sid[chosen], "rejected": cat.sid[rejected]})
         n_generated = settings.pairs_per_user - len(by_ecpm)
         for i in rng.choice(n_train, size=min(n_generated, n_train), replace=False):
-            mining.append((build_prompt(t.history(int(t.ad_pos[i])), cat, cfg), t.ads[i], set(train_ads)))
-            pairs.append({"kind": "generated", "user_id": t.user_id, "prompt": mining[-1][0], "chosen": cat.sid[t.ads[i]], "rejected": None})
+            prompt = build_prompt(t.history(int(t.ad_pos[i])), cat, cfg)
+            pairs.append({"kind": "generated", "user_id": t.user_id, "prompt": prompt, "chosen": cat.sid[t.ads[i]], "rejected": None})
+            to_mine.append((pairs[-1], set(train_ads)))
 
-    generated = recaller.recall([m[0] for m in mining], top_n=settings.beam, beam_width=settings.beam, progress=True)
-    rejected = iter(next((ad for ad, _ in ranked if ad not in engaged), None) for ranked, (_, _, engaged) in zip(generated, mining))
-    for p in pairs:
-        if p["kind"] == "generated":
-            ad = next(rejected)
-            p["rejected"] = cat.sid[ad] if ad is not None else None
+    generated = recaller.recall([p["prompt"] for p, _ in to_mine], top_n=settings.beam, beam_width=settings.beam, progress=True)
+    for (pair, engaged), ranked in zip(to_mine, generated):
+        best_unengaged = next((ad for ad, _ in ranked if ad not in engaged), None)
+        pair["rejected"] = cat.sid[best_unengaged] if best_unengaged is not None else None
     return [p for p in pairs if p["rejected"] is not None]
 
 

@@ -20,8 +20,7 @@ from leadre.baselines import CoOccurrence, Popularity
 from leadre.gate import write_evaluation
 from leadre.metrics import KS, VARIANTS, Catalogue, Recalled, evaluate_recaller, user_histories
 from leadre.model import load_model
-from leadre.prompts import Catalogue as PromptCatalogue
-from leadre.prompts import PromptConfig, eval_examples
+from leadre.prompts import PromptCatalogue, PromptConfig, eval_examples
 from leadre.recall import LLMRecaller
 from leadre.schema import positive_actions_of, read_data_dir
 from leadre.sid import load_sid_table
@@ -31,11 +30,12 @@ log = logging.getLogger(__name__)
 BASELINES = ("popularity", "cooccurrence")
 
 
-def llm_recaller(recaller: LLMRecaller, beam: int):
+def llm_recaller(recaller: LLMRecaller, beam: int, renormalize: bool = False):
     """The `leadre.metrics.Recaller` of an LLM: its inputs are the users' prompts."""
 
     def recall(prompts: Sequence[str], n: int, exclude: Sequence[Collection[str]] | None = None) -> Recalled:
-        ranked = recaller.recall(prompts, top_n=n, beam_width=max(beam, n), exclude=exclude, progress=True)
+        ranked = recaller.recall(prompts, top_n=n, beam_width=max(beam, n), exclude=exclude, progress=True,
+                                 renormalize=renormalize)
         return Recalled(ad_ids=[[ad for ad, _ in r] for r in ranked], scores=[[s for _, s in r] for r in ranked])
 
     return recall
@@ -53,7 +53,7 @@ def model_names(metadata: Sequence[dict[str, Any]], model_dirs: Sequence[Path]) 
 def evaluate(model_dirs: Sequence[str | Path], data_dir: str | Path, sids_dir: str | Path, out: str | Path,
              splits: Sequence[str] = ("validation",), beam: int = 50, users: int | None = None,
              variants: Sequence[str] = VARIANTS, baselines: Sequence[str] = BASELINES, seed: int = 0,
-             names: Sequence[str] | None = None) -> dict[str, Any]:
+             names: Sequence[str] | None = None, renormalize: bool = False) -> dict[str, Any]:
     """Evaluate every model (the first is the one `leadre gate` compares) and the baselines; returns the results.
     Models are named by `names`, or by their stage ('sft', 'dpo')."""
     model_dirs = [Path(m) for m in model_dirs]
@@ -87,12 +87,13 @@ def evaluate(model_dirs: Sequence[str | Path], data_dir: str | Path, sids_dir: s
         for (model, tokenizer, _), name in zip(models, names):
             recaller = LLMRecaller.from_model(model, tokenizer, sids, active)
             started = time.perf_counter()
-            results.setdefault(name, {})[which] = evaluate_recaller(llm_recaller(recaller, beam), histories, target_ads,
+            results.setdefault(name, {})[which] = evaluate_recaller(llm_recaller(recaller, beam, renormalize), histories, target_ads,
                                                                     catalogue, variants=variants, inputs=prompts)
             timings[f"{name}/{which}"] = time.perf_counter() - started
             log.info("evaluate: %s on %s: %s", name, which, {v: round(m["recall@10"], 4) for v, m in results[name][which].items()})
     evaluated = names[0] if names else next(iter(results))
-    parameters = {"splits": list(splits), "beam": beam, "users": users, "variants": list(variants), "seed": seed}
+    parameters = {"splits": list(splits), "beam": beam, "users": users, "variants": list(variants), "seed": seed,
+                  "renormalize": renormalize}
     inputs = {"data": data_dir, "sids": sids_dir} | {f"model_{i}": m for i, m in enumerate(model_dirs)}
     with write_artifact(out, "evaluate", inputs, parameters) as (tmp, manifest):
         write_evaluation(tmp, results, evaluated, KS)

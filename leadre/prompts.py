@@ -108,7 +108,7 @@ def _keywords(text: str, exclude: str = "") -> tuple[str, ...]:
 
 
 @dataclass
-class Catalogue:
+class PromptCatalogue:
     """Per-item text and token costs, computed once so that building a prompt is a few lookups."""
 
     levels: int
@@ -125,7 +125,7 @@ class Catalogue:
     content_keywords: dict[str, tuple[str, ...]]
 
     @classmethod
-    def build(cls, ads: pd.DataFrame, contents: pd.DataFrame, sids: SidTable) -> Catalogue:
+    def build(cls, ads: pd.DataFrame, contents: pd.DataFrame, sids: SidTable) -> PromptCatalogue:
         if len(ads) == 0:
             raise ValueError("empty catalogue: no ads to build prompts for")
         missing = sorted(set(ads["ad_id"]) - set(sids.ad_ids))
@@ -181,7 +181,7 @@ def _weights(counter: Counter, top: int) -> list[tuple[str, int]]:
     return [(k, w) for k, w in shares if w > 0]
 
 
-def interest_summary(ads: Sequence[str], contents: Sequence[str], cat: Catalogue, cfg: PromptConfig) -> str:
+def interest_summary(ads: Sequence[str], contents: Sequence[str], cat: PromptCatalogue, cfg: PromptConfig) -> str:
     """Long-term interest as text: top categories, advertisers and keywords with their shares."""
     if not ads and not contents:
         return "none yet."
@@ -215,7 +215,7 @@ def _window_cost(items: Sequence[str], cost: dict[str, int] | int) -> int:
     return len(items) * cost if isinstance(cost, int) else sum(cost[i] for i in items)
 
 
-def _content_section(contents: Sequence[str], cat: Catalogue, cfg: PromptConfig, limit: int) -> tuple[str, int]:
+def _content_section(contents: Sequence[str], cat: PromptCatalogue, cfg: PromptConfig, limit: int) -> tuple[str, int]:
     """The most recent contents (at most `limit`) within their budget, and how many were shown."""
     n = _suffix(contents, cat.content_label_cost, cfg.max_content_tokens, limit)
     shown = contents[len(contents) - n:] if n else []
@@ -228,7 +228,7 @@ def _compose(template: Template, profile: str, interest: str, content: str) -> s
     return "\n".join(lines) + f"\n{template.headers['ads']} "
 
 
-def _header(history: UserHistory, n_window: int, content_limit: int, cat: Catalogue, cfg: PromptConfig,
+def _header(history: UserHistory, n_window: int, content_limit: int, cat: PromptCatalogue, cfg: PromptConfig,
             template: Template, profile_order: Sequence[str] | None) -> tuple[str, int, int]:
     """Everything before the ad window: task, profile, interest summary (of the history older than the ad and
     content windows) and content behaviour; with its piece count and the number of contents shown."""
@@ -240,7 +240,7 @@ def _header(history: UserHistory, n_window: int, content_limit: int, cat: Catalo
     return text, count_pieces(text), n_shown
 
 
-def _fit(history: UserHistory, cat: Catalogue, cfg: PromptConfig, template: Template,
+def _fit(history: UserHistory, cat: PromptCatalogue, cfg: PromptConfig, template: Template,
          profile_order: Sequence[str] | None, cost: dict[str, int] | int, max_ads: int) -> tuple[str, list[str]]:
     """The header and the ad window (at most `max_ads` ads) within the prompt budget: the oldest ads go first,
     then the oldest contents."""
@@ -277,7 +277,7 @@ def _covering(window: Sequence[str], cost: dict[str, int] | int, over: int) -> i
     return len(window)
 
 
-def build_prompt(history: UserHistory, cat: Catalogue, cfg: PromptConfig, template: Template = TEMPLATES[0],
+def build_prompt(history: UserHistory, cat: PromptCatalogue, cfg: PromptConfig, template: Template = TEMPLATES[0],
                  profile_order: Sequence[str] | None = None, implicit: bool = False) -> str:
     """The next-ad prompt; the response is the next ad's S-ID. `implicit` writes the ads as text, not S-IDs."""
     cat.check(history)
@@ -288,7 +288,7 @@ def build_prompt(history: UserHistory, cat: Catalogue, cfg: PromptConfig, templa
     return head + "".join(cat.sid[a] for a in window)
 
 
-def explicit_example(ad_id: str, cat: Catalogue, variant: int = 0) -> dict[str, str]:
+def explicit_example(ad_id: str, cat: PromptCatalogue, variant: int = 0) -> dict[str, str]:
     prompt = (f"{EXPLICIT_TASKS[variant % len(EXPLICIT_TASKS)]}\nAd: {cat.ad_description[ad_id]} "
               f"Category: {cat.ad_category[ad_id]}. Advertiser: {cat.ad_advertiser[ad_id]}.\nSemantic ID: ")
     return {"task": "explicit", "template": f"explicit{variant % len(EXPLICIT_TASKS)}", "ad_id": ad_id,
@@ -333,7 +333,7 @@ def _profile_order(profile: dict[str, str], rng: np.random.Generator, cfg: Promp
     return [keys[i] for i in rng.permutation(len(keys))] if cfg.shuffle_profile else keys
 
 
-def _training_examples(t: UserTimeline, n_train: int, cat: Catalogue, cfg: PromptConfig,
+def _training_examples(t: UserTimeline, n_train: int, cat: PromptCatalogue, cfg: PromptConfig,
                        rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     """Training examples of one user from their first `n_train` positives (the training window)."""
     if n_train == 0:
@@ -364,13 +364,13 @@ def _training_examples(t: UserTimeline, n_train: int, cat: Catalogue, cfg: Promp
                "prompt": prompt, "completion": cat.sid[t.ads[i]]}
 
 
-def _eval_example(t: UserTimeline, target_index: int, cat: Catalogue, cfg: PromptConfig) -> dict[str, Any]:
+def _eval_example(t: UserTimeline, target_index: int, cat: PromptCatalogue, cfg: PromptConfig) -> dict[str, Any]:
     history = t.history(int(t.ad_pos[target_index]))
     return {"task": "next_ad", "template": TEMPLATES[0].name, "user_id": t.user_id, "target": t.ads[target_index],
             "seen": history.ads, "prompt": build_prompt(history, cat, cfg), "completion": cat.sid[t.ads[target_index]]}
 
 
-def eval_examples(tables: Tables, split: Split, which: str, cat: Catalogue, cfg: PromptConfig) -> dict[str, dict[str, Any]]:
+def eval_examples(tables: Tables, split: Split, which: str, cat: PromptCatalogue, cfg: PromptConfig) -> dict[str, dict[str, Any]]:
     """Per evaluated user, the plain next-ad example of their `which` ('validation' or 'test') target."""
     offset = {"validation": 2, "test": 1}[which]  # the last positive is the test target, the one before validation
     evaluated = split.users.set_index("user_id")["test_pos"] >= 0
@@ -380,7 +380,7 @@ def eval_examples(tables: Tables, split: Split, which: str, cat: Catalogue, cfg:
 
 def build_prompt_sets(tables: Tables, split: Split, sids: SidTable, cfg: PromptConfig) -> dict[str, list[dict[str, Any]]]:
     """train / validation / test examples. Validation and test: one plain next-ad example per evaluated user."""
-    cat = Catalogue.build(tables.ads, tables.contents, sids)
+    cat = PromptCatalogue.build(tables.ads, tables.contents, sids)
     rng = np.random.default_rng(cfg.seed)
     evaluated = split.users.set_index("user_id")["test_pos"] >= 0
     sets: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}

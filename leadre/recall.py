@@ -46,8 +46,9 @@ class LLMRecaller:
         return replace(self, trie=trie)
 
     def recall(self, prompts: Sequence[str], top_n: int, beam_width: int | None = None,
-               exclude: Sequence[Collection[str]] | None = None, progress: bool = False) -> list[list[tuple[str, float]]]:
+               exclude: Sequence[Collection[str]] | None = None, progress: bool = False,
+               renormalize: bool = False) -> list[list[tuple[str, float]]]:
         """Per prompt, the top `top_n` distinct active ads with their log-probabilities, best first."""
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         return search(self.step, self.trie, ids, top_n, beam_width, exclude, self.batch_size,
-                      pad_id=self.tokenizer.pad_token_id, progress=progress)
+                      pad_id=self.tokenizer.pad_token_id, progress=progress, renormalize=renormalize)

@@ -17,6 +17,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,22 @@ SID_STEPS = ("sids build", "sids assign")
 AD_COLUMNS = (ID_COLUMN["ads"], *TEXT_COLUMNS["ads"])
 # Rows of the distance matrix computed at once: bounds memory at ~64 MiB for K = 256 whatever the catalogue size.
 _CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class SidSettings:
+    """The `sids` section of a config file: `build_sids`'s settings."""
+
+    levels: int = DEFAULT_LEVELS
+    codes: int = DEFAULT_CODES
+    seed: int = 0
+    iters: int = 25
+    behaviour_weight: float = DEFAULT_BEHAVIOUR_WEIGHT
+    behaviour_dim: int = 64
+    window: int = 5
+
+    def __post_init__(self) -> None:
+        _check_parameters(self.levels, self.codes, self.behaviour_weight, self.behaviour_dim, self.window, self.iters)
 
 
 # ---------------------------------------------------------------------------------------------------- k-means / RQ

@@ -132,6 +132,7 @@ class _Clock(TrainerCallback):
     def __init__(self, max_minutes: float | None) -> None:
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.step_seconds, self.step_started, self.train_started = 0.0, 0.0, 0.0
+        self.steps = 0  # steps of this run (a resumed run starts after the checkpoint's)
         self.stopped_early = False
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (transformers' callback signature)
@@ -143,6 +144,7 @@ class _Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         now = time.perf_counter()
         self.step_seconds += now - self.step_started
+        self.steps += 1
         if self.max_seconds is not None and now - self.train_started > self.max_seconds and not control.should_training_stop:
             log.info("sft: time budget of %.1f minutes reached at step %d", self.max_seconds / 60, state.global_step)
             control.should_training_stop = control.should_evaluate = control.should_save = True
@@ -256,7 +258,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
     best = trainer.state.best_metric
     final = trainer.evaluate()
     history = trainer.state.log_history
-    trained_tokens = n_tokens * (trainer.state.global_step / max(1, steps_per_epoch))
+    trained_tokens = n_tokens * clock.steps / steps_per_epoch
 
     parameters = {"preset": preset, "settings": dataclasses.asdict(settings), "model_overrides": model_overrides or {}}
     with write_artifact(out, "train sft", {"prompts": prompts_dir, "sids": sids_dir}, parameters) as (tmp, manifest):

@@ -56,6 +56,23 @@ def brute_force(model: Qwen2ForCausalLM, trie: Trie, prompt: list[int]) -> list[
     return sorted(zip(trie.ad_ids[rows.numpy()].tolist(), scores.tolist()), key=lambda pair: -pair[1])
 
 
+@torch.inference_mode()
+def brute_force_renormalized(model: Qwen2ForCausalLM, trie: Trie, prompt: list[int]) -> list[tuple[str, float]]:
+    """Every active ad scored by teacher forcing, each code's log-probability normalised over the codes the trie
+    allows after that ad's prefix, best first."""
+    rows = torch.nonzero(trie.active).flatten()
+    codes = torch.as_tensor(trie.codes[rows.numpy()])
+    sid_tokens = torch.stack([trie.token_ids[level][codes[:, level]] for level in range(trie.levels)], 1)
+    logits = model(input_ids=torch.cat([torch.tensor(prompt).expand(len(rows), -1), sid_tokens], dim=1)).logits.float()
+    scores = torch.zeros(len(rows))
+    for level in range(trie.levels):
+        nodes = trie.node_of(codes[:, :level]) if level else torch.zeros(len(rows), dtype=torch.long)
+        allowed, _ = trie.allowed(level, nodes)
+        level_logits = logits[:, len(prompt) - 1 + level][:, trie.token_ids[level]].masked_fill(~allowed, -torch.inf)
+        scores += level_logits.log_softmax(-1).gather(1, codes[:, level : level + 1]).squeeze(1)
+    return sorted(zip(trie.ad_ids[rows.numpy()].tolist(), scores.tolist()), key=lambda pair: -pair[1])
+
+
 def assert_same_ranking(got: list[tuple[str, float]], expected: list[tuple[str, float]]) -> None:
     assert [ad for ad, _ in got] == [ad for ad, _ in expected]
     assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-4)
@@ -65,6 +82,15 @@ def test_exhaustive_beam_matches_brute_force(model, trie, prompts):
     results = search(HFStepModel(model), trie, prompts, top_n=10, beam_width=N_ADS, progress=False)
     for prompt, got in zip(prompts, results):
         assert_same_ranking(got, brute_force(model, trie, prompt)[:10])
+
+
+def test_renormalized_search_matches_renormalized_brute_force(model, trie, prompts):
+    paused = trie.with_active(trie.ad_ids[:N_ADS // 2].tolist(), False)  # pausing changes what each prefix allows
+    results = search(HFStepModel(model), paused, prompts, top_n=10, beam_width=N_ADS, progress=False, renormalize=True)
+    for prompt, got in zip(prompts, results):
+        expected = brute_force_renormalized(model, paused, prompt)
+        assert_same_ranking(got, expected[:10])
+        assert expected != brute_force(model, paused, prompt)  # the two scorings really differ
 
 
 def test_batched_prompts_of_different_lengths_match_one_by_one(model, trie, prompts):

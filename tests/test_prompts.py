@@ -14,7 +14,7 @@ import pytest
 
 from leadre.artifacts import write_artifact
 from leadre.cli import main
-from leadre.prompts import (TEMPLATES, Catalogue, PromptConfig, UserHistory, build_prompt, build_prompt_sets,
+from leadre.prompts import (TEMPLATES, PromptCatalogue, PromptConfig, UserHistory, build_prompt, build_prompt_sets,
                             count_pieces, read_prompts)
 from leadre.schema import Tables
 from leadre.sid import TOKEN_RE, SidTable
@@ -171,7 +171,7 @@ def test_augmentation_switches(built) -> None:
 
 def test_serving_builds_the_same_prompt_from_features_alone(built) -> None:
     tables, split, sids, sets = built
-    cat = Catalogue.build(tables.ads, tables.contents, sids)
+    cat = PromptCatalogue.build(tables.ads, tables.contents, sids)
     before = split.before("test")
     users = tables.users.set_index("user_id")
     for e in sets["test"][:20]:
@@ -184,15 +184,15 @@ def test_serving_builds_the_same_prompt_from_features_alone(built) -> None:
 
 def test_bad_inputs(built) -> None:
     tables, _, sids, _ = built
-    cat = Catalogue.build(tables.ads, tables.contents, sids)
+    cat = PromptCatalogue.build(tables.ads, tables.contents, sids)
     with pytest.raises(KeyError, match="unknown ad 'nope'"):
         build_prompt(UserHistory("u", {}, ["nope"]), cat, PromptConfig())
     with pytest.raises(KeyError, match=r"unknown content 'c\?'"):
         build_prompt(UserHistory("u", {}, [], ["c?"]), cat, PromptConfig())
     with pytest.raises(ValueError, match="empty catalogue"):
-        Catalogue.build(tables.ads.iloc[:0], tables.contents, sids)
+        PromptCatalogue.build(tables.ads.iloc[:0], tables.contents, sids)
     with pytest.raises(ValueError, match="have no S-ID"):
-        Catalogue.build(tables.ads, tables.contents, make_sids(tables.ads["ad_id"].to_numpy()[:-3]))
+        PromptCatalogue.build(tables.ads, tables.contents, make_sids(tables.ads["ad_id"].to_numpy()[:-3]))
     with pytest.raises(ValueError, match="reuse='everything'"):
         PromptConfig(reuse="everything")
 
