@@ -157,15 +157,20 @@ def quantize(x: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarray:
     return np.stack(codes, axis=1)
 
 
-def separate_collisions(prefix: np.ndarray, taken: np.ndarray | None = None) -> np.ndarray:
-    """The last level: ads sharing a code tuple get 0, 1, 2, ... in row order.
+def separate_collisions(prefix: np.ndarray, taken: np.ndarray | None = None,
+                        priority: np.ndarray | None = None) -> np.ndarray:
+    """The last level: ads sharing a code tuple get 0, 1, 2, ... by descending `priority` (ties, and without a
+    priority: row order). Numbering by training popularity gives the last token a meaning the model can learn
+    (0 is the ad of the bucket that users engage with most) instead of an arbitrary one.
 
     `taken` holds full S-IDs (prefix + last code) already given out: new ads continue after the largest last code
     in their bucket, so they never collide with existing ads.
     """
     columns = list(range(prefix.shape[1]))
+    order = np.arange(len(prefix)) if priority is None else np.argsort(-np.asarray(priority), kind="stable")
     new = pd.DataFrame(prefix)
-    last = new.groupby(columns, sort=False).cumcount().to_numpy(dtype=np.int64)
+    last = np.empty(len(prefix), dtype=np.int64)
+    last[order] = new.iloc[order].groupby(columns, sort=False).cumcount().to_numpy(dtype=np.int64)
     if taken is not None and len(taken):
         old = pd.DataFrame(taken[:, :-1])
         old["next"] = taken[:, -1] + 1
@@ -356,7 +361,8 @@ def build_sids(
     x = blend(text, behaviour, behaviour_weight)
     k = effective_codes(len(ads), codes)
     codebooks, prefix = residual_kmeans(x, levels, k, seed, iters)
-    all_codes = np.column_stack([prefix, separate_collisions(prefix)])
+    popularity = split.train_targets()["item_id"].value_counts().reindex(ad_ids, fill_value=0).to_numpy()
+    all_codes = np.column_stack([prefix, separate_collisions(prefix, priority=popularity)])
     level_sizes = [k] * levels + [int(all_codes[:, -1].max()) + 1]
     t_total = time.perf_counter() - t0
 

@@ -53,6 +53,7 @@ class TrainSettings:
     max_length: int = 1024
     # Sampling ratio per task: 1 uses every example once per epoch, 0.5 a random half, 2 each twice.
     mix: dict = dataclasses.field(default_factory=lambda: {"stream": 1.0, "next_ad": 1.0, "implicit": 1.0, "explicit": 1.0})
+    group_by_length: bool = True  # batches of similar length waste little compute on padding
     evals_per_epoch: float = 1.0
     eval_users: int = 300  # validation users scored by constrained decoding at each evaluation
     beam: int = 20
@@ -109,9 +110,19 @@ def validation_recall(recaller: LLMRecaller, examples: Sequence[dict[str, Any]],
 class RecallSFTTrainer(SFTTrainer):
     """SFTTrainer whose evaluation also decodes: `eval_recall@10` picks the best checkpoint."""
 
-    def __init__(self, *args: Any, sids: SidTable, recall_examples: Sequence[dict[str, Any]], beam: int, **kwargs: Any):
+    def __init__(self, *args: Any, sids: SidTable, recall_examples: Sequence[dict[str, Any]], beam: int,
+                 response_tokens_per_batch: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.sids, self.recall_examples, self.beam = sids, recall_examples, beam
+        self.response_tokens_per_batch = response_tokens_per_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001 (Trainer's)
+        # Every training batch divides its summed token loss by the same number, so a task weighs in by its response
+        # tokens. With the per-batch mean instead, a batch of short explicit-alignment examples (length grouping makes
+        # them) would get as large an optimiser step as a batch of long streams: on MovieLens-1M a third of all steps.
+        if model.training:
+            num_items_in_batch = self.response_tokens_per_batch
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
@@ -210,6 +221,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
     train_ds = tokenize_examples(mixed, tokenizer)
     eval_ds = tokenize_examples(recall_examples, tokenizer)
     n_tokens = sum(len(x) for x in train_ds["input_ids"])
+    n_response_tokens = sum(sum(m) for m in train_ds["completion_mask"])
     steps_per_epoch = math.ceil(len(train_ds) / settings.batch_size)
     eval_steps = max(1, int(steps_per_epoch / settings.evals_per_epoch))
     log.info("sft: %d training examples (%s), %d tokens per epoch, %d steps per epoch, evaluation every %d steps",
@@ -226,7 +238,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
         lr_scheduler_type=settings.lr_scheduler,
         max_length=settings.max_length,
         completion_only_loss=True,
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         eval_strategy="steps",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -248,7 +260,8 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
     clock = _Clock(settings.max_minutes)
     trainer = RecallSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer, callbacks=[clock], sids=sids,
-                               recall_examples=recall_examples, beam=settings.beam)
+                               recall_examples=recall_examples, beam=settings.beam,
+                               response_tokens_per_batch=n_response_tokens / steps_per_epoch)
     checkpoint = get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
     if checkpoint:
         log.info("sft: resuming from %s", checkpoint)

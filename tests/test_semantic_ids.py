@@ -96,6 +96,13 @@ def test_residual_kmeans_and_quantize_agree() -> None:
     assert not np.array_equal(sids.residual_kmeans(x, 3, 12, seed=1)[1], codes)
 
 
+def test_separate_collisions_numbers_each_bucket_by_priority() -> None:
+    prefix = np.array([[0, 1], [0, 1], [2, 2], [0, 1], [2, 2]])
+    popularity = np.array([5, 9, 1, 5, 3])
+    # bucket (0, 1): row 1 (9) first, then rows 0 and 3 (5 each) in row order; bucket (2, 2): row 4 (3) first.
+    assert sids.separate_collisions(prefix, priority=popularity).tolist() == [1, 0, 1, 2, 0]
+
+
 def test_separate_collisions_numbers_buckets_and_continues_after_taken() -> None:
     prefix = np.array([[0, 0], [0, 0], [1, 0], [0, 0], [1, 1]])
     assert sids.separate_collisions(prefix).tolist() == [0, 1, 0, 2, 0]
