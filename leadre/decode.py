@@ -114,8 +114,9 @@ def search_batch(
         size, beams = trie.level_sizes[level], scores.shape[1]
         last = level == trie.levels - 1
         # the full-vocabulary softmax stays on the model's device; only this level's K columns come to the trie
-        level_ids = trie.token_ids[level].to(logits.device)
-        log_probs = (logits.index_select(1, level_ids) if renormalize else torch.log_softmax(logits, dim=-1).index_select(1, level_ids)).cpu()
+        # (renormalised scoring takes its softmax below instead, over the allowed codes only)
+        level_scores = logits if renormalize else torch.log_softmax(logits, dim=-1)
+        log_probs = level_scores.index_select(1, trie.token_ids[level].to(logits.device)).cpu()
         allowed, children = trie.allowed(level, nodes)
         if last and excluded is not None:
             users = torch.arange(n_users).repeat_interleave(beams)[:, None]

@@ -330,13 +330,13 @@ def load_codebooks(folder: str | Path) -> tuple[list[np.ndarray], dict[str, Any]
 def build_sids(
     data_dir: str | Path,
     out: str | Path,
-    levels: int = DEFAULT_LEVELS,
-    codes: int = DEFAULT_CODES,
-    seed: int = 0,
-    iters: int = 25,
-    behaviour_weight: float = DEFAULT_BEHAVIOUR_WEIGHT,
-    behaviour_dim: int = 64,
-    window: int = 5,
+    levels: int = SidSettings.levels,
+    codes: int = SidSettings.codes,
+    seed: int = SidSettings.seed,
+    iters: int = SidSettings.iters,
+    behaviour_weight: float = SidSettings.behaviour_weight,
+    behaviour_dim: int = SidSettings.behaviour_dim,
+    window: int = SidSettings.window,
     encoder: Encoder | None = None,
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
@@ -354,14 +354,15 @@ def build_sids(
 
     # Behaviour comes from training positives only: validation and test targets must not shape the codes.
     split = leave_one_out(tables.events, positive_actions_of(data_dir))
+    train_targets = split.train_targets()
     behaviour, with_behaviour = None, 0
     if behaviour_weight > 0:
-        behaviour = behaviour_vectors(split.train_targets(), ad_ids, behaviour_dim, window, seed)
+        behaviour = behaviour_vectors(train_targets, ad_ids, behaviour_dim, window, seed)
         with_behaviour = int((np.abs(behaviour).sum(1) > 0).sum())
     x = blend(text, behaviour, behaviour_weight)
     k = effective_codes(len(ads), codes)
     codebooks, prefix = residual_kmeans(x, levels, k, seed, iters)
-    popularity = split.train_targets()["item_id"].value_counts().reindex(ad_ids, fill_value=0).to_numpy()
+    popularity = train_targets["item_id"].value_counts().reindex(ad_ids, fill_value=0).to_numpy()
     all_codes = np.column_stack([prefix, separate_collisions(prefix, priority=popularity)])
     level_sizes = [k] * levels + [int(all_codes[:, -1].max()) + 1]
     t_total = time.perf_counter() - t0
