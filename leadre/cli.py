@@ -159,6 +159,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: metrics.json, metrics.md, recall_at_k.png")
 
 
+def _bundle(args: argparse.Namespace) -> None:
+    from leadre.bundle import build_bundle
+
+    manifest = build_bundle(args.model, args.sids, args.data, args.out, args.compiled)
+    counts = manifest["counts"]
+    print(f"wrote {args.out}: model {manifest['model_version']}, {counts['ads']:,} ads ({counts['active_ads']:,} active), "
+          f"{counts['contents']:,} contents, compiled backend: {'yes' if manifest['compiled'] else 'no'}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from leadre.demo import run_demo
 
@@ -330,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--renormalize", action="store_true",
                    help="score each S-ID code by its softmax over the codes the trie allows (default: full softmax)")
     p.set_defaults(func=_evaluate)
+
+    p = commands.add_parser("bundle", help="the deployable unit: model, S-IDs, prompt settings, catalogue snapshot",
+                            description="Copy the promoted model, its S-ID artifact, the ad and content catalogue "
+                                        "and optionally a compiled backend into one self-describing directory that "
+                                        "serving loads. Files are named by SHA-256 in the manifest, never by path.")
+    p.add_argument("--model", type=Path, required=True, help="model directory (`train sft` or `train dpo`)")
+    p.add_argument("--sids", type=Path, required=True, help="S-ID artifact the model was trained with (or a later "
+                                                              "`sids assign` of it)")
+    p.add_argument("--data", type=Path, required=True, help="data directory: the ad catalogue snapshot and status")
+    p.add_argument("--compiled", type=Path, default=None, help="compiled backend from `leadre compile` (optional)")
+    p.add_argument("--out", type=Path, required=True, help="output bundle directory")
+    p.set_defaults(func=_bundle)
 
     p = commands.add_parser("demo", help="the README's main job: every step end to end on the synthetic marketplace")
     p.add_argument("--out", default="demo-run", help="working directory for all artifacts (default demo-run)")

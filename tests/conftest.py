@@ -93,3 +93,13 @@ def tiny_sft_dir(tiny_prompts_dir: Path, tiny_sids_dir: Path, tiny_config: Path)
     assert main(["train", "sft", "--prompts", str(tiny_prompts_dir), "--sids", str(tiny_sids_dir), "--out", str(out),
                  "--config", str(tiny_config)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tiny_sft_dir: Path, tiny_sids_dir: Path, tiny_data_dir: Path) -> Path:
+    """A recall bundle of the tiny SFT model (what serving, the pipeline and the manifests load)."""
+    from leadre.bundle import build_bundle
+
+    out = tiny_sids_dir.parent / "bundle"
+    build_bundle(tiny_sft_dir, tiny_sids_dir, tiny_data_dir, out)
+    return out
