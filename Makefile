@@ -7,7 +7,7 @@ EXTRAS ?= cpu,test
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow test-images bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/leadre demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not image" $(PYTEST_ARGS)
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# Builds leadre:cpu (images/build.sh) and runs it as Kubernetes would; needs a running Docker engine.
+test-images: install
+	LEADRE_IMAGE_TESTS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m image tests/test_images.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf demo-run .pytest_cache
+	rm -rf demo-run pipeline-run .pytest_cache

@@ -4,7 +4,9 @@
 
 One S-ID build, then per variant: prompts, SFT for at most `--minutes` of wall-clock time (the same budget for
 every variant), and for the full system DPO on top; finally one evaluation of every model and the baselines on the
-same users (leave-one-out, full ranking over the active ads). Variants:
+same users (leave-one-out, full ranking over the active ads; all evaluated users unless --eval-users samples).
+Every cell carries its 95% confidence interval (bootstrap over users); "seen excluded" is the headline protocol.
+Variants:
 
 - full: SFT with alignment tasks and augmentation, then DPO (the gate's decision against SFT is reported);
 - no_dpo: the full system's SFT model;
@@ -29,7 +31,7 @@ from pathlib import Path
 from leadre.config import read_config, section
 from leadre.dpo import DPOSettings, train_dpo
 from leadre.evaluate import evaluate
-from leadre.gate import DPO_POLICY, SCHEMA_VERSION, decide
+from leadre.gate import DPO_POLICY, decide, read_evaluation
 from leadre.prompts import PromptConfig, build_prompts
 from leadre.semantic_ids import SidSettings, build_sids
 from leadre.sft import TrainSettings, train_sft
@@ -39,7 +41,7 @@ VARIANTS = {
     "no_alignment": {"implicit_per_user": 0, "explicit_repeats": 0},
     "no_augmentation": {"templates": 1, "shuffle_profile": False, "reuse": "last"},
 }
-COLUMNS = [("validation", "seen_kept"), ("test", "seen_kept"), ("test", "seen_excluded")]
+COLUMNS = [("validation", "seen_excluded"), ("test", "seen_excluded"), ("test", "seen_kept")]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -74,25 +76,38 @@ def run(args: argparse.Namespace) -> dict:
                       beam=args.beam, users=args.eval_users, names=list(models))
     timings["evaluate"] = time.perf_counter() - started
     results = report["results"]
-    document = {"schema_version": SCHEMA_VERSION, "results": results}
+    document = read_evaluation(work / "evaluation")  # with the per-user values the gate's paired test reads
     gate = decide(document | {"model": "full"}, document | {"model": "no_dpo"}, DPO_POLICY) if "full" in results else None
     return {
         "name": args.name, "data": str(args.data), "config": str(args.config), "minutes_per_sft": args.minutes,
         "preset": args.preset, "eval_users": args.eval_users, "beam": args.beam, "sids": sids["stats"],
-        "results": results, "dpo_gate": gate.as_dict() if gate else None,
+        "results": results, "intervals": report["intervals"], "protocol": report["protocol"],
+        "dpo_gate": gate.as_dict() if gate else None,
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
     }
 
 
+def _cell(report: dict, name: str, split: str, variant: str) -> str:
+    """Recall@10 / NDCG@10 with their 95% intervals."""
+    metrics, bounds = report["results"][name][split][variant], report["intervals"][name][split][variant]
+    return " / ".join(f"{metrics[m]:.4f} ({bounds[m][0]:.3f}–{bounds[m][1]:.3f})" for m in ("recall@10", "ndcg@10"))
+
+
 def table(report: dict) -> str:
-    head = "| variant | " + " | ".join(f"R@10 / NDCG@10 {s}, {v.replace('_', ' ')}" for s, v in COLUMNS) + " | eCPM@10 (test) |"
+    head = ("| variant | " + " | ".join(f"R@10 / NDCG@10 {s}, {v.replace('_', ' ')}" for s, v in COLUMNS)
+            + " | eCPM@10 (test) | list length (test, seen excluded) |")
+    users = {s: u["count"] for s, u in report["protocol"]["users"].items()}
     lines = [f"# Quality: {report['name']} ({report['data']})", "",
              f"SFT budget {report['minutes_per_sft']} min per variant, preset {report['preset']}, beam {report['beam']}, "
-             f"{report['machine']}.", "", head, "|---" * (len(COLUMNS) + 2) + "|"]
+             f"{report['machine']}; users: " + ", ".join(f"{s} {n:,}" for s, n in users.items())
+             + "; in brackets 95% confidence intervals (bootstrap over users).", "",
+             head, "|---" * (len(COLUMNS) + 3) + "|"]
     for name, splits in report["results"].items():
-        cells = [f"{splits[s][v]['recall@10']:.4f} / {splits[s][v]['ndcg@10']:.4f}" for s, v in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {splits['test']['seen_kept']['ecpm@10']:.2f} |")
+        cells = [_cell(report, name, s, v) for s, v in COLUMNS]
+        test = splits["test"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {test['seen_kept']['ecpm@10']:.2f} | "
+                     f"{test['seen_excluded']['list_length']:.1f} |")
     if report["dpo_gate"]:
         lines += ["", f"DPO gate (full vs no_dpo, validation): {'promote' if report['dpo_gate']['promote'] else 'keep SFT'}"
                       f" — {report['dpo_gate']['reason']}"]

@@ -25,7 +25,7 @@ import pandas as pd
 from leadre.artifacts import ArtifactError, read_manifest, write_artifact
 from leadre.prompts import PromptCatalogue, PromptConfig, UserHistory, build_prompt
 from leadre.recall import LLMRecaller
-from leadre.schema import positive_actions_of, read_data_dir
+from leadre.schema import read_data_dir, split_settings_of
 from leadre.sid import SidTable, load_sid_table
 from leadre.split import mark_positives, order_events
 
@@ -72,6 +72,8 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
     if list(sids.level_sizes) != list(metadata["level_sizes"]):
         raise ArtifactError(f"{model_dir} knows S-ID levels {metadata['level_sizes']}, but {sids_dir} has "
                             f"{list(sids.level_sizes)}: bundle the S-IDs the model was trained with")
+    split = split_settings_of(data_dir)
+    split.check(metadata.get("split"), f"model {model_dir}")  # the catalogue must come from the data it learned
     tables = read_data_dir(data_dir)
     missing = sorted(set(tables.ads["ad_id"]) - set(sids.ad_ids))
     if missing:
@@ -96,7 +98,8 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
             "stage": stage,
             "level_sizes": list(sids.level_sizes),
             "prompt_config": metadata.get("prompt_config", {}),
-            "positive_actions": positive_actions_of(data_dir),
+            "positive_actions": list(split.positive_actions),
+            "split": split.as_dict(),
             "profile_fields": [c for c in tables.users.columns if c != "user_id"],
             "compiled": compiled_dir is not None,
             "files": _file_hashes(tmp),
@@ -160,14 +163,19 @@ class RecallBundle:
         return self.manifest["positive_actions"]
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, batch_size: int = 32) -> RecallBundle:
+    def load(cls, path: str | Path, verify: bool = True, batch_size: int = 32, device: str = "auto",
+             backend: str = "auto") -> RecallBundle:
+        """A bundle ready to recall on `device` (auto | cpu | cuda) through `backend` (auto, or one of
+        leadre.backends.BACKENDS; the compiled ones use the bundle's `compiled/`). See `LLMRecaller.from_dir`."""
         path = Path(path)
         manifest = read_bundle_manifest(path, verify)
         sids = load_sid_table(path / SIDS)
         ads = pd.read_parquet(path / ADS)
         contents = pd.read_parquet(path / CONTENTS)
         active = ads.loc[ads["active"], "ad_id"]
-        recaller = LLMRecaller.from_dir(path / MODEL, sids, active, batch_size=batch_size)
+        compiled = path / COMPILED if (path / COMPILED).is_dir() else None
+        recaller = LLMRecaller.from_dir(path / MODEL, sids, active, batch_size=batch_size, device=device,
+                                        backend=backend, compiled_dir=compiled)
         return cls(path, manifest, recaller, PromptConfig(**manifest["prompt_config"]),
                    PromptCatalogue.build(ads, contents, sids), sids, ads.set_index("ad_id", drop=False), contents)
 

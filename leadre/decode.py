@@ -22,6 +22,8 @@ from leadre.trie import Trie
 
 
 class StepModel(Protocol):
+    device: torch.device  # where its logits come out: the trie belongs there (`Trie.to`)
+
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Left-padded prompts (U, T) → next-token logits (U, V) and a decoder state with one row per prompt."""
         ...
@@ -44,6 +46,10 @@ class HFStepModel:
 
     def __init__(self, model: PreTrainedModel):
         self.model = model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, CacheState]:
@@ -100,35 +106,42 @@ def search_batch(
     excluded: torch.Tensor | None = None,
     renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam search for U users at once → (leaf nodes (U, n), scores (U, n)), best first, n ≤ top_n. The trie and
-    the search's bookkeeping live on the CPU; the model may run anywhere.
+    """Beam search for U users at once → (leaf nodes (U, n), scores (U, n)), best first, n ≤ top_n. The trie, the
+    masks, the top-k and the results live on the device of the model's logits, so no level waits for the host (a
+    trie elsewhere is copied there for this call: `LLMRecaller` places its trie once).
 
-    `excluded` holds keys `user * len(trie) + leaf` of complete S-IDs that user must not get. Where fewer than
-    `top_n` valid S-IDs exist the tail has score -inf (and a meaningless leaf). `renormalize` scores each code by
-    its softmax over the allowed codes only, so mass the model puts on invalid tokens costs no prefix anything."""
+    `excluded` holds keys `user * len(trie) + leaf` of complete S-IDs that user must not get. They are taken out
+    at every level, not only the last: a prefix is allowed for a user only while an active ad below it is not
+    excluded for that user, so no beam is spent on a prefix that leads nowhere and lists come back full wherever
+    `top_n` allowed ads exist. Where fewer exist the tail has score -inf (and a meaningless leaf). `renormalize`
+    scores each code by its softmax over the allowed codes only, so mass the model puts on invalid tokens costs no
+    prefix anything."""
     n_users = len(input_ids)
     logits, state = model.prefill(input_ids, attention_mask)
-    scores = torch.zeros(n_users, 1)
-    nodes = torch.zeros(n_users, dtype=torch.long)
+    device = logits.device
+    trie = trie.to(device)
+    scores = torch.zeros(n_users, 1, device=device)
+    nodes = torch.zeros(n_users, dtype=torch.long, device=device)
+    blocked = None if excluded is None else trie.exclusion_index(excluded)
     for level in range(trie.levels):
         size, beams = trie.level_sizes[level], scores.shape[1]
         last = level == trie.levels - 1
-        # the full-vocabulary softmax stays on the model's device; only this level's K columns come to the trie
-        # (renormalised scoring takes its softmax below instead, over the allowed codes only)
+        # the full-vocabulary softmax, then this level's K columns (renormalised scoring takes its softmax below
+        # instead, over the allowed codes only)
         level_scores = logits if renormalize else torch.log_softmax(logits, dim=-1)
-        log_probs = level_scores.index_select(1, trie.token_ids[level].to(logits.device)).cpu()
+        log_probs = level_scores.index_select(1, trie.token_ids[level])
         allowed, children = trie.allowed(level, nodes)
-        if last and excluded is not None:
-            users = torch.arange(n_users).repeat_interleave(beams)[:, None]
-            allowed &= ~torch.isin(users * len(trie) + children, excluded)
+        if blocked is not None:  # the user's own count of active ads below each child must stay above 0
+            users = torch.arange(n_users, device=device).repeat_interleave(beams)[:, None]
+            allowed &= trie.active_counts[level][children] > trie.excluded_below(level, children, users, blocked)
         if renormalize:  # a row that allows nothing gets NaNs here; the mask below turns them into -inf
             log_probs = log_probs.masked_fill(~allowed, -torch.inf).log_softmax(dim=-1)
-        candidates = (scores.view(-1, 1) + log_probs).masked_fill_(~allowed, -torch.inf).view(n_users, -1)
+        candidates = torch.where(allowed, scores.view(-1, 1) + log_probs, -torch.inf).view(n_users, -1)
         width = min(top_n if last else beam_width, candidates.shape[1])
         scores, picked = candidates.topk(width, dim=1)
         nodes = children.view(n_users, -1).gather(1, picked).view(-1)
         if not last:
-            rows = (torch.arange(n_users)[:, None] * beams + picked // size).view(-1)
+            rows = (torch.arange(n_users, device=device)[:, None] * beams + picked // size).view(-1)
             logits, state = model.step(trie.token_ids[level][picked % size].view(-1), rows, state)
     return nodes.view(n_users, -1), scores
 
@@ -159,13 +172,17 @@ def search(
             input_ids, attention_mask = left_pad([prompts[i] for i in chunk], pad_id)
             excluded = None if exclude is None else exclusion_keys(trie, [exclude[i] for i in chunk])
             leaves, scores = search_batch(model, trie, input_ids, attention_mask, top_n, beam_width, excluded, renormalize)
-            for i, user_leaves, user_scores in zip(chunk, leaves, scores):
+            ads, scores = trie.ads_at(leaves), scores.cpu()  # the batch's answers come to the host at once
+            for i, user_ads, user_scores in zip(chunk, ads, scores):
                 valid = torch.isfinite(user_scores)
-                results[i] = list(zip(trie.ads_at(user_leaves[valid]).tolist(), user_scores[valid].tolist()))
+                results[i] = list(zip(user_ads[valid.numpy()].tolist(), user_scores[valid].tolist()))
             bar.update(len(chunk))
     return results
 
 
 def exclusion_keys(trie: Trie, exclude: Sequence[Collection[str]]) -> torch.Tensor:
-    """The `excluded` argument of `search_batch`: one key per (user in the batch, excluded ad)."""
-    return torch.cat([user * len(trie) + trie.leaves_of(ads) for user, ads in enumerate(exclude)])
+    """The `excluded` argument of `search_batch`: one key per (user in the batch, excluded ad the trie holds), on
+    the trie's device (gathered on the host, so the batch's ads cross once)."""
+    held = [[ad for ad in ads if ad in trie.row_of] for ads in exclude]
+    users = torch.arange(len(held)).repeat_interleave(torch.tensor([len(ads) for ads in held], dtype=torch.long))
+    return users.to(trie.device) * len(trie) + trie.leaves_of(ad for ads in held for ad in ads)

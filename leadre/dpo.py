@@ -25,12 +25,12 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from leadre.artifacts import read_manifest, write_artifact
+from leadre.devices import bf16_ok, describe, resolve_device
 from leadre.model import PRESETS, add_lora, load_model, save_model
 from leadre.prompts import PromptCatalogue, PromptConfig, build_prompt, user_timelines
 from leadre.recall import LLMRecaller
-from leadre.schema import positive_actions_of, read_data_dir
+from leadre.schema import read_data_dir, split_settings_of
 from leadre.sid import load_sid_table
-from leadre.split import leave_one_out
 from leadre.tokenizer import sid_token_ids
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class DPOSettings:
     learning_rate: float = 5e-5
     threads: int = 2
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda (leadre.devices)
 
     def __post_init__(self) -> None:
         if not 0 <= self.ecpm_share <= 1:
@@ -81,12 +82,13 @@ def build_pairs(data_dir: str | Path, prompts_dir: str | Path, recaller: LLMReca
     """Preference pairs {prompt, chosen, rejected, kind, user_id} from each sampled user's training window."""
     manifest = read_manifest(prompts_dir, "prompts build")
     cfg = PromptConfig(**manifest["parameters"])
+    split_settings = split_settings_of(data_dir)
+    split_settings.check(manifest.get("split"), f"prompts {prompts_dir}")
     tables = read_data_dir(data_dir)
     sids = load_sid_table(manifest["inputs"]["sids"])
-    split = leave_one_out(tables.events, positive_actions_of(data_dir), cfg.min_positives)
+    split = split_settings.split(tables.events)
     cat = PromptCatalogue.build(tables.ads, tables.contents, sids)
     ecpm = dict(zip(tables.ads["ad_id"], tables.ads["ecpm"]))
-    evaluated = split.users.set_index("user_id")["test_pos"] >= 0
     rng = np.random.default_rng(settings.seed)
 
     timelines = list(user_timelines(tables, split))
@@ -94,7 +96,7 @@ def build_pairs(data_dir: str | Path, prompts_dir: str | Path, recaller: LLMReca
     pairs: list[dict[str, Any]] = []
     to_mine: list[tuple[dict[str, Any], set[str]]] = []  # generated pairs still without a rejected ad, and what the user engaged with
     for t in timelines:
-        n_train = len(t.ads) - 2 if evaluated[t.user_id] else len(t.ads)
+        n_train = t.n_train
         if n_train < 1:
             continue
         train_ads = t.ads[:n_train]
@@ -138,7 +140,7 @@ def _sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]]
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    logp = torch.log_softmax(model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float(), -1).cpu()
     total = torch.zeros(len(seqs))
     for i, (p, a) in enumerate(zip(prompts, answers)):
         positions = torch.arange(len(p) - 1, len(p) + len(a) - 1)
@@ -149,9 +151,15 @@ def _sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]]
 def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Path, out: str | Path,
               settings: DPOSettings = DPOSettings()) -> dict[str, Any]:
     """Mine pairs with the SFT model, run trl's DPO on them, write the model directory; returns its metadata."""
+    device = resolve_device(settings.device)
+    if device.index is not None:
+        torch.cuda.set_device(device)  # the Trainer places the model on the current CUDA device
+    log.info("dpo: training on %s%s", describe(device), " with bf16 autocast" if bf16_ok(device) else "")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     model, tokenizer, sft_meta = load_model(model_dir)
+    split_settings_of(data_dir).check(sft_meta.get("split"), f"model {model_dir}")
+    model.to(device)  # pair mining and the margins decode before the Trainer takes the model
     sids = load_sid_table(sft_meta["sids"])
     recaller = LLMRecaller.from_model(model, tokenizer, sids)
     pairs = build_pairs(data_dir, prompts_dir, recaller, settings)
@@ -180,9 +188,9 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
         save_strategy="no",
         logging_steps=max(1, math.ceil(len(train_pairs) / settings.batch_size / 10)),
         report_to="none",
-        bf16=False,
+        bf16=bf16_ok(device),
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=device.type == "cpu",
         seed=settings.seed,
         dataloader_num_workers=0,
     )
@@ -204,7 +212,8 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
     parameters = {"settings": dataclasses.asdict(settings)}
     with write_artifact(out, "train dpo", {"model": model_dir, "prompts": prompts_dir, "data": data_dir}, parameters) as (tmp, manifest):
         metadata = save_model(trained, tokenizer, tmp, {
-            **{k: sft_meta[k] for k in ("base", "level_sizes", "prompts", "sids", "data_version", "prompt_config")
+            **{k: sft_meta[k] for k in ("base", "level_sizes", "prompts", "sids", "data_version", "prompt_config",
+                                        "split")
                if k in sft_meta},
             "stage": "dpo",
             "sft_model": str(model_dir),
@@ -216,6 +225,7 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
         with open(tmp / "pairs.jsonl", "w") as f:
             for p in pairs:
                 f.write(json.dumps(p) + "\n")
+        manifest["split"] = metadata["split"]
         manifest["counts"] = {"pairs": len(pairs), **kinds, "steps": trainer.state.global_step}
         manifest["metrics"] = metadata["metrics"]
     return metadata

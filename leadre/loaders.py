@@ -2,7 +2,9 @@
 
 Neither MovieLens nor a plain interaction log has ads, eCPM or advertisers. Each item becomes an ad and the
 missing columns are derived deterministically; `DERIVED_ECPM` documents the rule and the data manifest marks
-every derived column.
+every derived column. The derived eCPM counts interactions of the training window only (the split the data
+directory records), so validation and test targets do not raise their own ads' eCPM: DPO's preferences and
+eCPM@K read it.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from leadre.schema import DataError, Tables, parse_timestamps
+from leadre.split import DEFAULT_MIN_POSITIVES, SplitSettings
 
 DERIVED_ECPM = (
     "derived: ecpm = 1000 * bid * pctr, bid = 0.2 + 4.8 * u(ad_id) with u a SHA-1 hash of the id mapped to [0, 1), "
-    "pctr = 0.05 * (n + 1) / (n + 50) with n the ad's interaction count in the whole log"
+    "pctr = 0.05 * (n + 1) / (n + 50) with n the ad's interaction count in the training window (events before "
+    "each user's validation target)"
 )
 
 ML1M_AGES = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
@@ -31,9 +36,11 @@ ML1M_OCCUPATIONS = [
 ]
 
 
-def derive_ecpm(ad_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
-    """A deterministic eCPM per ad for datasets without one; see `DERIVED_ECPM`."""
-    counts = item_ids.value_counts().reindex(ad_ids.to_numpy(), fill_value=0).to_numpy()
+def derive_ecpm(ad_ids: pd.Series, events: pd.DataFrame, split: SplitSettings) -> np.ndarray:
+    """A deterministic eCPM per ad for datasets without one; see `DERIVED_ECPM`. `events` is the whole log (with
+    the canonical columns); only its training window under `split` counts."""
+    train = split.split(events).train_events()
+    counts = train["item_id"].astype(str).value_counts().reindex(ad_ids.to_numpy(), fill_value=0).to_numpy()
     u = np.array([int.from_bytes(hashlib.sha1(str(a).encode()).digest()[:8], "big") / 2**64 for a in ad_ids])
     bid = 0.2 + 4.8 * u
     pctr = 0.05 * (counts + 1) / (counts + 50)
@@ -74,7 +81,7 @@ def _int_column(df: pd.DataFrame, column: str, table: str) -> pd.Series:
     return values.astype("int64")
 
 
-def _movie_ads(movies: pd.DataFrame, events: pd.DataFrame, genres: pd.Series) -> pd.DataFrame:
+def _movie_ads(movies: pd.DataFrame, events: pd.DataFrame, genres: pd.Series, split: SplitSettings) -> pd.DataFrame:
     year = movies["title"].str.extract(r"\((\d{4})\)\s*$", expand=False)
     decade = (pd.to_numeric(year, errors="coerce") // 10 * 10).astype("Int64").astype(str).replace("<NA>", "unknown")
     genre_text = genres.str.join(", ")
@@ -85,7 +92,7 @@ def _movie_ads(movies: pd.DataFrame, events: pd.DataFrame, genres: pd.Series) ->
         "category": genres.str[0].fillna("unknown").to_numpy(),
         "advertiser": (decade + "s releases").where(decade != "unknown", "unknown release").to_numpy(),
         "genres": genre_text.to_numpy(),
-        "ecpm": derive_ecpm(movies["movie_id"].astype(str), events["item_id"]),
+        "ecpm": derive_ecpm(movies["movie_id"].astype(str), events, split),
         "active": True,
     })
 
@@ -108,15 +115,20 @@ def _keep_active_users(users: pd.DataFrame, events: pd.DataFrame) -> pd.DataFram
     return users[users["user_id"].isin(events["user_id"])].reset_index(drop=True)
 
 
-def load_movielens(path: str | Path) -> tuple[Tables, dict[str, str]]:
-    """MovieLens-1M (`*.dat`, `::`) or -100K (`u.data`, `u.user`, `u.item`); returns tables and derived columns."""
+MOVIELENS_POSITIVE_ACTIONS = ("rating",)
+
+
+def load_movielens(path: str | Path, min_positives: int = DEFAULT_MIN_POSITIVES) -> tuple[Tables, dict[str, str]]:
+    """MovieLens-1M (`*.dat`, `::`) or -100K (`u.data`, `u.user`, `u.item`); returns tables and derived columns.
+    Every rating is a positive ('rating'); `min_positives` is the split's, which the derived eCPM depends on."""
+    split = SplitSettings(MOVIELENS_POSITIVE_ACTIONS, min_positives)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such MovieLens directory")
     if (folder / "movies.dat").is_file():
-        tables = _load_ml1m(folder)
+        tables = _load_ml1m(folder, split)
     elif (folder / "u.item").is_file():
-        tables = _load_ml100k(folder)
+        tables = _load_ml100k(folder, split)
     else:
         raise FileNotFoundError(f"{folder}: neither MovieLens-1M (movies.dat) nor MovieLens-100K (u.item) files found")
     derived = {
@@ -128,7 +140,7 @@ def load_movielens(path: str | Path) -> tuple[Tables, dict[str, str]]:
     return tables, derived
 
 
-def _load_ml1m(folder: Path) -> Tables:
+def _load_ml1m(folder: Path, split: SplitSettings) -> Tables:
     ratings_file = _find(folder, "ratings.dat") or next(iter(sorted(folder.glob("ratings*.dat*"))), None)
     if ratings_file is None:
         raise FileNotFoundError(f"{folder}: no ratings.dat (or ratings*.dat.gz)")
@@ -145,7 +157,7 @@ def _load_ml1m(folder: Path) -> Tables:
         "occupation": occupation.map(dict(enumerate(ML1M_OCCUPATIONS))).fillna("other"),
         "zip_prefix": users["zip"].str[:3],
     })
-    ads = _movie_ads(movies, events, movies["genres"].str.split("|"))
+    ads = _movie_ads(movies, events, movies["genres"].str.split("|"), split)
     return Tables(ads=ads, contents=_no_contents(), users=_keep_active_users(users, events), events=events)
 
 
@@ -155,7 +167,7 @@ def _age_bucket(age: pd.Series) -> pd.Series:
     return pd.cut(age, bins=bins, right=False, labels=list(ML1M_AGES.values())).astype(str)
 
 
-def _load_ml100k(folder: Path) -> Tables:
+def _load_ml100k(folder: Path, split: SplitSettings) -> Tables:
     data = _find(folder, "u.data")
     if data is None:
         raise FileNotFoundError(f"{folder}: no u.data (or u.data.gz)")
@@ -175,7 +187,7 @@ def _load_ml100k(folder: Path) -> Tables:
         "occupation": raw["occupation"],
         "zip_prefix": raw["zip"].str[:3],
     })
-    ads = _movie_ads(movies, events, genres)
+    ads = _movie_ads(movies, events, genres, split)
     return Tables(ads=ads, contents=_no_contents(), users=_keep_active_users(users, events), events=events)
 
 
@@ -237,8 +249,11 @@ def load_interactions(
     advertiser_col: str | None = None,
     ecpm_col: str | None = None,
     sep: str | None = None,
+    positive_actions: Sequence[str] | None = None,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
 ) -> tuple[Tables, dict[str, str]]:
-    """Any (user, item, timestamp) log plus an item table. Returns tables and the columns that were derived."""
+    """Any (user, item, timestamp) log plus an item table. Returns tables and the columns that were derived.
+    The split (`interaction_split`) matters only to a derived eCPM."""
     interactions, items = Path(interactions), Path(items)
     log_df, item_df = read_table(interactions, sep), read_table(items, sep)
     item_id_col = item_id_col or item_col
@@ -270,7 +285,8 @@ def load_interactions(
     if ecpm_col:
         ads["ecpm"] = item_df[ecpm_col]
     else:
-        ads["ecpm"] = derive_ecpm(ads["ad_id"].astype(str), events["item_id"].astype(str))
+        split = interaction_split(events, positive_actions, min_positives)
+        ads["ecpm"] = derive_ecpm(ads["ad_id"].astype(str), events.astype({"user_id": str, "item_id": str}), split)
         derived["ecpm"] = DERIVED_ECPM
     for column, option in (("category", category_col), ("advertiser", advertiser_col)):
         if not option:
@@ -278,3 +294,9 @@ def load_interactions(
     users = pd.DataFrame({"user_id": pd.unique(events["user_id"].dropna().astype(str))})
     return Tables(ads=ads, contents=_no_contents(), users=users, events=events), derived
 
+
+def interaction_split(events: pd.DataFrame, positive_actions: Sequence[str] | None = None,
+                      min_positives: int = DEFAULT_MIN_POSITIVES) -> SplitSettings:
+    """The split of a loaded log: the given positive actions, or every action in it (without an action column
+    that is the single action 'interaction')."""
+    return SplitSettings(tuple(positive_actions or sorted(events["action"].astype(str).unique())), min_positives)

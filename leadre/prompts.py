@@ -30,9 +30,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from leadre.artifacts import read_manifest, write_artifact
-from leadre.schema import Tables, read_data_dir, positive_actions_of
+from leadre.schema import Tables, read_data_dir, split_settings_of
 from leadre.sid import SidTable, load_sid_table
-from leadre.split import SPLITS, Split, leave_one_out
+from leadre.split import SPLITS, Split
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ class PromptConfig:
     top_keywords: int = 6
     implicit_per_user: int = 1  # implicit-alignment examples per user (0 turns the task off)
     explicit_repeats: int = 1  # explicit-alignment examples per ad (0 turns the task off)
-    min_positives: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -305,6 +304,16 @@ class UserTimeline:
     ad_pos: np.ndarray
     contents: list[str]
     content_pos: np.ndarray
+    target_pos: dict[str, int]  # split ('validation', 'test') -> the target's timeline position; empty: not evaluated
+
+    def target_index(self, which: str) -> int:
+        """The index in `ads` of the user's `which` target (the split's, never re-derived)."""
+        return int(np.searchsorted(self.ad_pos, self.target_pos[which]))
+
+    @property
+    def n_train(self) -> int:
+        """Positives in the training window: those before the validation target (all of a user not evaluated)."""
+        return self.target_index("validation") if self.target_pos else len(self.ads)
 
     def history(self, before: int) -> UserHistory:
         """The user's features as they were just before timeline position `before`."""
@@ -321,11 +330,14 @@ def user_timelines(tables: Tables, split: Split) -> Iterator[UserTimeline]:
     content_groups = {u: g for u, g in contents.groupby("user_id", sort=False)}
     profile_cols = [c for c in tables.users.columns if c != "user_id"]
     profiles = tables.users.set_index("user_id")[profile_cols].astype(str).to_dict("index")
+    evaluated = split.users[split.users["test_pos"] >= 0]
+    targets = {u: {"validation": int(v), "test": int(t)}
+               for u, v, t in zip(evaluated["user_id"], evaluated["validation_pos"], evaluated["test_pos"])}
     empty = pd.DataFrame({"item_id": pd.Series(dtype=str), "pos": pd.Series(dtype="int32")})
     for user_id, g in pos_groups:
         c = content_groups.get(user_id, empty)
         yield UserTimeline(user_id, profiles[user_id], g["item_id"].tolist(), g["pos"].to_numpy(),
-                        c["item_id"].tolist(), c["pos"].to_numpy())
+                           c["item_id"].tolist(), c["pos"].to_numpy(), targets.get(user_id, {}))
 
 
 def _profile_order(profile: dict[str, str], rng: np.random.Generator, cfg: PromptConfig) -> list[str]:
@@ -333,9 +345,10 @@ def _profile_order(profile: dict[str, str], rng: np.random.Generator, cfg: Promp
     return [keys[i] for i in rng.permutation(len(keys))] if cfg.shuffle_profile else keys
 
 
-def _training_examples(t: UserTimeline, n_train: int, cat: PromptCatalogue, cfg: PromptConfig,
+def _training_examples(t: UserTimeline, cat: PromptCatalogue, cfg: PromptConfig,
                        rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-    """Training examples of one user from their first `n_train` positives (the training window)."""
+    """Training examples of one user from the positives of their training window."""
+    n_train = t.n_train
     if n_train == 0:
         return
     train_pos = t.ad_pos[:n_train]
@@ -364,33 +377,31 @@ def _training_examples(t: UserTimeline, n_train: int, cat: PromptCatalogue, cfg:
                "prompt": prompt, "completion": cat.sid[t.ads[i]]}
 
 
-def _eval_example(t: UserTimeline, target_index: int, cat: PromptCatalogue, cfg: PromptConfig) -> dict[str, Any]:
-    history = t.history(int(t.ad_pos[target_index]))
-    return {"task": "next_ad", "template": TEMPLATES[0].name, "user_id": t.user_id, "target": t.ads[target_index],
-            "seen": history.ads, "prompt": build_prompt(history, cat, cfg), "completion": cat.sid[t.ads[target_index]]}
+def _eval_example(t: UserTimeline, which: str, cat: PromptCatalogue, cfg: PromptConfig) -> dict[str, Any]:
+    target = t.ads[t.target_index(which)]
+    history = t.history(t.target_pos[which])
+    return {"task": "next_ad", "template": TEMPLATES[0].name, "user_id": t.user_id, "target": target,
+            "seen": history.ads, "prompt": build_prompt(history, cat, cfg), "completion": cat.sid[target]}
 
 
 def eval_examples(tables: Tables, split: Split, which: str, cat: PromptCatalogue, cfg: PromptConfig) -> dict[str, dict[str, Any]]:
     """Per evaluated user, the plain next-ad example of their `which` ('validation' or 'test') target."""
-    offset = {"validation": 2, "test": 1}[which]  # the last positive is the test target, the one before validation
-    evaluated = split.users.set_index("user_id")["test_pos"] >= 0
-    return {t.user_id: _eval_example(t, len(t.ads) - offset, cat, cfg)
-            for t in user_timelines(tables, split) if evaluated[t.user_id]}
+    if which not in SPLITS:
+        raise ValueError(f"split {which!r}: expected one of {SPLITS}")
+    return {t.user_id: _eval_example(t, which, cat, cfg) for t in user_timelines(tables, split) if t.target_pos}
 
 
 def build_prompt_sets(tables: Tables, split: Split, sids: SidTable, cfg: PromptConfig) -> dict[str, list[dict[str, Any]]]:
     """train / validation / test examples. Validation and test: one plain next-ad example per evaluated user."""
     cat = PromptCatalogue.build(tables.ads, tables.contents, sids)
     rng = np.random.default_rng(cfg.seed)
-    evaluated = split.users.set_index("user_id")["test_pos"] >= 0
     sets: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}
     for t in tqdm(user_timelines(tables, split), total=split.events.loc[split.events["positive"], "user_id"].nunique(),
                   desc="prompts", unit="user", disable=None):
-        n = len(t.ads)
-        if evaluated[t.user_id]:
-            sets["validation"].append(_eval_example(t, n - 2, cat, cfg))
-            sets["test"].append(_eval_example(t, n - 1, cat, cfg))
-        sets["train"].extend(_training_examples(t, n - 2 if evaluated[t.user_id] else n, cat, cfg, rng))
+        if t.target_pos:
+            sets["validation"].append(_eval_example(t, "validation", cat, cfg))
+            sets["test"].append(_eval_example(t, "test", cat, cfg))
+        sets["train"].extend(_training_examples(t, cat, cfg, rng))
     for ad_id in tables.ads["ad_id"]:
         sets["train"].extend(explicit_example(ad_id, cat, v) for v in range(cfg.explicit_repeats))
     order = rng.permutation(len(sets["train"]))
@@ -431,8 +442,9 @@ def build_prompts(data_dir: str | Path, sids_dir: str | Path, out: str | Path, c
     """`leadre prompts build`: write train/validation/test JSONL with counts and length statistics."""
     tables = read_data_dir(data_dir)
     sids = load_sid_table(sids_dir)
-    split = leave_one_out(tables.events, positive_actions_of(data_dir), cfg.min_positives)
-    sets = build_prompt_sets(tables, split, sids, cfg)
+    settings = split_settings_of(data_dir)
+    settings.check(read_manifest(sids_dir).get("split"), f"S-IDs {sids_dir}")
+    sets = build_prompt_sets(tables, settings.split(tables.events), sids, cfg)
     with write_artifact(out, "prompts build", {"data": data_dir, "sids": sids_dir}, dataclasses.asdict(cfg)) as (tmp, manifest):
         for name, examples in sets.items():
             with open(tmp / f"{name}.jsonl", "w") as f:
@@ -449,6 +461,7 @@ def build_prompts(data_dir: str | Path, sids_dir: str | Path, out: str | Path, c
         _plot_lengths(train, tmp / "lengths.png")
         manifest["counts"] = {name: len(examples) for name, examples in sets.items()}
         manifest["level_sizes"] = list(sids.level_sizes)
+        manifest["split"] = settings.as_dict()
         manifest["stats"] = stats
     return manifest
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from leadre.artifacts import read_manifest, write_artifact
+from leadre.split import DEFAULT_MIN_POSITIVES, SplitSettings
 
 ITEM_TYPES = ("ad", "content")
 DEFAULT_POSITIVE_ACTIONS = ("click", "conversion")
@@ -152,10 +153,13 @@ def write_data_dir(
     positive_actions: Iterable[str] = DEFAULT_POSITIVE_ACTIONS,
     derived: dict[str, str] | None = None,
     inputs: dict[str, str | Path] | None = None,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
 ) -> Tables:
-    """Validate and write a data directory atomically; `derived` documents columns the loader made up."""
+    """Validate and write a data directory atomically; `derived` documents columns the loader made up. The split
+    settings (positive actions, `min_positives`) are chosen here, once, and recorded for every later step."""
     tables = normalize(tables)
-    positive_actions = sorted(set(positive_actions))
+    split = SplitSettings(tuple(positive_actions), min_positives)
+    positive_actions = list(split.positive_actions)
     actions = set(tables.events["action"].unique())
     if not actions & set(positive_actions):
         raise DataError("events", "action", None, f"no event has a positive action {positive_actions} (actions: {sorted(actions)})")
@@ -163,6 +167,7 @@ def write_data_dir(
         for name, df in tables.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         manifest["positive_actions"] = positive_actions
+        manifest["split"] = split.as_dict()
         manifest["derived"] = derived or {}
         manifest["counts"] = {name: len(df) for name, df in tables.items()}
     return tables
@@ -170,6 +175,11 @@ def write_data_dir(
 
 def positive_actions_of(data_dir: str | Path) -> list[str]:
     return list(read_manifest(data_dir, DATA_STEPS).get("positive_actions", DEFAULT_POSITIVE_ACTIONS))
+
+
+def split_settings_of(data_dir: str | Path) -> SplitSettings:
+    """The split settings the data step recorded (its manifest's "split")."""
+    return SplitSettings.from_dict(read_manifest(data_dir, DATA_STEPS).get("split"), f"data directory {data_dir}")
 
 
 def read_data_dir(path: str | Path, validate: bool = True) -> Tables:

@@ -31,9 +31,9 @@ from scipy.sparse.linalg import svds
 from leadre.artifacts import read_manifest, write_artifact
 from leadre.embed import Encoder, MiniLMEncoder, ad_texts, embed_texts
 from leadre.loaders import read_table
-from leadre.schema import ID_COLUMN, TEXT_COLUMNS, DataError, positive_actions_of, read_data_dir
+from leadre.schema import ID_COLUMN, TEXT_COLUMNS, DataError, read_data_dir, split_settings_of
 from leadre.sid import LEVEL_LETTERS, SidTable, load_sid_table
-from leadre.split import Split, leave_one_out
+from leadre.split import Split
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,7 @@ def build_sids(
     _check_parameters(levels, codes, behaviour_weight, behaviour_dim, window, iters)
     t0 = time.perf_counter()
     tables = read_data_dir(data_dir)
+    settings = split_settings_of(data_dir)
     ads = tables.ads
     ad_ids = pd.Index(ads["ad_id"])
     encoder = encoder or MiniLMEncoder()
@@ -353,7 +354,7 @@ def build_sids(
     t_embed = time.perf_counter() - t0
 
     # Behaviour comes from training positives only: validation and test targets must not shape the codes.
-    split = leave_one_out(tables.events, positive_actions_of(data_dir))
+    split = settings.split(tables.events)
     train_targets = split.train_targets()
     behaviour, with_behaviour = None, 0
     if behaviour_weight > 0:
@@ -381,6 +382,7 @@ def build_sids(
         _save_codebooks(tmp, codebooks, vectors)
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         manifest.update(level_sizes=level_sizes, levels=levels, codes=k, vectors=vectors, stats=stats,
+                        split=settings.as_dict(),
                         counts={"ads": len(ads), "embedded": embedded, "with_behaviour": with_behaviour})
     log.info("sids build: %s", summary(stats))
     return manifest
@@ -474,7 +476,8 @@ def assign_sids(
         shutil.copy2(Path(sids_dir) / CODEBOOKS, tmp / CODEBOOKS)
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         manifest.update(level_sizes=level_sizes, levels=previous["levels"], codes=previous["codes"], vectors=vectors,
-                        stats=stats, collision_level_grew=level_sizes[-1] > table.level_sizes[-1],
+                        stats=stats, split=previous.get("split"),
+                        collision_level_grew=level_sizes[-1] > table.level_sizes[-1],
                         counts={"ads": len(union), "new": len(new), "kept": len(ads) - len(new), "embedded": embedded})
     log.info("sids assign: %d new ads, %d already had S-IDs; %s", len(new), len(ads) - len(new), summary(stats))
     return manifest

@@ -31,11 +31,13 @@ from trl import SFTConfig, SFTTrainer
 
 from leadre.artifacts import read_manifest, write_artifact
 from leadre.config import ConfigError
+from leadre.devices import bf16_ok, describe, resolve_device
 from leadre.metrics import KS, ndcg_at, recall_at
 from leadre.model import PRESETS, build_model, create_model, resolve_config, save_model
 from leadre.prompts import TASKS, read_prompts
 from leadre.recall import LLMRecaller
 from leadre.sid import SidTable, load_sid_table
+from leadre.split import SplitSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class TrainSettings:
     max_minutes: float | None = None  # wall-clock budget for training; stops early (after a last evaluation)
     threads: int = 2
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda (leadre.devices)
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(TASKS)
@@ -199,8 +202,14 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
     if list(sids.level_sizes) != list(prompts_manifest["level_sizes"]):
         raise ValueError(f"{prompts_dir} was built with S-ID levels {prompts_manifest['level_sizes']}, "
                          f"but {sids_dir} has {list(sids.level_sizes)}")
+    split = SplitSettings.from_dict(prompts_manifest.get("split"), f"prompts {prompts_dir}")
+    split.check(read_manifest(sids_dir).get("split"), f"S-IDs {sids_dir}")
     if preset not in PRESETS and not Path(preset).is_dir():
         raise ConfigError(f"unknown preset {preset!r}: expected {', '.join(PRESETS)} or a local model directory")
+    device = resolve_device(settings.device)
+    if device.index is not None:
+        torch.cuda.set_device(device)  # the Trainer places the model on the current CUDA device
+    log.info("sft: training on %s%s", describe(device), " with bf16 autocast" if bf16_ok(device) else "")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     train = read_prompts(prompts_dir, "train")
@@ -249,10 +258,11 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
         greater_is_better=True,
         logging_steps=max(1, min(50, eval_steps // 4)),
         report_to="none",
-        # trl defaults suit GPUs; on CPUs bf16 autocast and activation recomputation only cost time.
-        bf16=False,
+        # bf16 autocast on GPUs that have it; on CPUs it (and activation recomputation, anywhere: the models are
+        # small) only costs time.
+        bf16=bf16_ok(device),
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=device.type == "cpu",
         seed=settings.seed,
         data_seed=settings.seed,
         dataloader_num_workers=0,
@@ -284,6 +294,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
             "data_version": prompts_manifest["inputs"].get("data"),
             "prompts_created_at": prompts_manifest["created_at"],
             "prompt_config": prompts_manifest["parameters"],
+            "split": split.as_dict(),
             "metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")},
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "best_validation_recall@10": best,
@@ -295,6 +306,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
         })
         (tmp / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
         plot_curves(history, tmp / "loss_curves.png")
+        manifest["split"] = split.as_dict()
         manifest["counts"] = {"train_examples": len(train_ds), "steps": trainer.state.global_step,
                               "parameters": metadata["model"]["parameters"]}
         manifest["metrics"] = metadata["metrics"]

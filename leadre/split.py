@@ -8,12 +8,61 @@ with equal timestamps keep the order of the input file. A positive that repeats 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 SPLITS = ("validation", "test")
+DEFAULT_MIN_POSITIVES = 3
+
+
+class SplitMismatch(ValueError):
+    """Two artifacts were made on different splits (or one records none): their numbers cannot be combined."""
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """What defines the split. Chosen once, by the data step (`leadre data ... --min-positives`), recorded in the data
+    manifest under "split" and copied into the manifest of every artifact made from it (S-IDs, prompts, models,
+    evaluations); a step that reads several artifacts checks that they all record the same split."""
+
+    positive_actions: tuple[str, ...]
+    min_positives: int = DEFAULT_MIN_POSITIVES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.positive_actions, str) or not self.positive_actions:
+            raise ValueError(f"positive_actions must be a non-empty list of actions, got {self.positive_actions!r}")
+        if isinstance(self.min_positives, bool) or not isinstance(self.min_positives, int) or self.min_positives < 2:
+            raise ValueError(f"min_positives must be an integer of at least 2 (one validation and one test target), "
+                             f"got {self.min_positives!r}")
+        object.__setattr__(self, "positive_actions", tuple(sorted(set(map(str, self.positive_actions)))))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"positive_actions": list(self.positive_actions), "min_positives": self.min_positives}
+
+    @classmethod
+    def from_dict(cls, recorded: Any, source: str) -> SplitSettings:
+        """The settings a manifest recorded under "split"; `source` names the artifact in errors."""
+        if not isinstance(recorded, dict) or set(recorded) != {"positive_actions", "min_positives"}:
+            raise SplitMismatch(f"{source}: records no split settings (got {recorded!r}); it was made by an older "
+                                "leadre: rebuild it (and the data directory it came from)")
+        try:
+            return cls(tuple(recorded["positive_actions"]), recorded["min_positives"])
+        except (TypeError, ValueError) as e:
+            raise SplitMismatch(f"{source}: bad split settings {recorded!r}: {e}") from None
+
+    def check(self, recorded: Any, source: str) -> None:
+        """Raise `SplitMismatch` unless `recorded` (a manifest's "split") names these settings."""
+        other = SplitSettings.from_dict(recorded, source)
+        if other != self:
+            raise SplitMismatch(f"{source} was made on the split {other.as_dict()}, not on {self.as_dict()}: "
+                                "rebuild it from the same data directory as the other inputs")
+
+    def split(self, events: pd.DataFrame) -> Split:
+        return leave_one_out(events, self.positive_actions, self.min_positives)
 
 
 def order_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -68,7 +117,7 @@ def mark_positives(events: pd.DataFrame, positive_actions: list[str] | tuple[str
     return positive
 
 
-def leave_one_out(events: pd.DataFrame, positive_actions: list[str] | tuple[str, ...], min_positives: int = 3) -> Split:
+def leave_one_out(events: pd.DataFrame, positive_actions: Sequence[str], min_positives: int = DEFAULT_MIN_POSITIVES) -> Split:
     """Split users' timelines; users with fewer than `min_positives` positives are training-only."""
     if min_positives < 2:
         raise ValueError("min_positives must be at least 2 (one validation and one test target)")

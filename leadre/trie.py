@@ -7,12 +7,15 @@ of beams: memory grows with the number of ads, not with the code space.
 Each node keeps the number of active ads below it; a prefix whose ads are all paused is not allowed. A `Trie` is
 never changed in place: `with_active` and `with_ads` return a new one, so serving can swap tries while a search
 keeps using the one it started with.
+
+Its tensors live on one device (the CPU unless `to` moved them), the device of the model's logits, so masking a
+level is a few device operations with no host round trip; the S-IDs, ad ids and their rows stay on the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -32,32 +35,74 @@ class Trie:
     ad_ids: np.ndarray  # (N,) str
     active: torch.Tensor  # (N,) bool
     row_of: dict[str, int]
+    # per level, aligned with keys: the key where the node has an active ad below it, else one no lookup asks for,
+    # so "the child exists and is active" is one comparison (derived, so no copy can disagree with active_counts)
+    live_keys: tuple[torch.Tensor, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        never = torch.iinfo(torch.long).min  # lookups ask for keys ≥ -level size (node -1)
+        live = tuple(torch.where(c > 0, k, never) for k, c in zip(self.keys, self.active_counts))
+        object.__setattr__(self, "live_keys", live)
 
     @property
     def levels(self) -> int:
         return len(self.level_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.paths.device
+
+    def to(self, device: torch.device | str) -> Trie:
+        """The same trie with its tensors on `device` (itself where they are there already)."""
+        device = torch.empty(0, device=device).device  # as tensors name it: "cuda" is "cuda:0"
+        if device == self.device:
+            return self
+        per_level = {name: tuple(t.to(device) for t in getattr(self, name))
+                     for name in ("token_ids", "keys", "active_counts")}
+        return replace(self, **per_level, paths=self.paths.to(device), leaf_row=self.leaf_row.to(device),
+                       active=self.active.to(device))
 
     def __len__(self) -> int:
         return len(self.ad_ids)
 
     def _lookup(self, level: int, nodes: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each (node at depth `level`, code in range): whether that child has an active ad, and its index."""
-        wanted = nodes * self.level_sizes[level] + codes
+        wanted = torch.add(codes, nodes, alpha=self.level_sizes[level])  # node * level size + code, in one operation
         keys = self.keys[level]
         child = torch.searchsorted(keys, wanted).clamp_(max=len(keys) - 1)
         # node -1 makes every wanted key negative, so it matches nothing
-        return (keys[child] == wanted) & (self.active_counts[level][child] > 0), child
+        return self.live_keys[level][child] == wanted, child
 
     def allowed(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For beams at `nodes` (n,) of depth `level`: the codes that lead to an active ad, (n, K_level) bool, and the
         child node of every code, (n, K_level), meaningful only where allowed. Node -1 (no such prefix) allows nothing.
         The codes' tokens are `token_ids[level]`."""
-        codes = torch.arange(self.level_sizes[level])
+        codes = torch.arange(self.level_sizes[level], device=self.device)
         return self._lookup(level, nodes[:, None], codes[None, :])
+
+    def exclusion_index(self, excluded: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per level, sorted keys `user * n_nodes + node` of the nodes above each user's excluded active ads, one key
+        per (user, ad): a node above two of them appears twice. `excluded` holds keys `user * len(trie) + leaf`."""
+        keys = torch.sort(excluded.to(self.device)).values
+        users, rows = keys // len(self), self.leaf_row[keys % len(self)]
+        # an ad excluded twice counts once, and paused ads are not in the active counts to begin with: both get key
+        # -1, which no lookup asks for (dropping them would make the host wait to learn how many are left)
+        counted = self.active[rows]  # a new tensor: indexing copies
+        counted[1:] &= keys[1:] != keys[:-1]
+        return tuple(torch.sort(torch.where(counted, users * len(k) + self.paths[rows, level], -1)).values
+                     for level, k in enumerate(self.keys))
+
+    def excluded_below(self, level: int, children: torch.Tensor, users: torch.Tensor,
+                       index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """How many of `users`' excluded active ads lie below each node `children` of depth `level + 1`
+        (`index` from `exclusion_index`; `users` broadcasts against `children`)."""
+        wanted = users * len(self.keys[level]) + children
+        return torch.searchsorted(index[level], wanted, right=True) - torch.searchsorted(index[level], wanted)
 
     def node_of(self, prefixes: torch.Tensor) -> torch.Tensor:
         """The node of each code prefix (n, d), or -1 where no active ad has that prefix."""
-        nodes = torch.zeros(len(prefixes), dtype=torch.long)
+        prefixes = prefixes.to(self.device)
+        nodes = torch.zeros(len(prefixes), dtype=torch.long, device=self.device)
         for level in range(prefixes.shape[1]):
             codes = prefixes[:, level]
             # an out-of-range code would alias a sibling subtree's key
@@ -68,7 +113,8 @@ class Trie:
 
     def codes_of_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids of partial or complete S-IDs (n, d) → their codes, -1 where a token is not one of its level's."""
-        codes = torch.full(tokens.shape, -1, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        codes = torch.full(tokens.shape, -1, dtype=torch.long, device=self.device)
         for level in range(tokens.shape[1]):
             match = tokens[:, level, None] == self.token_ids[level]
             codes[:, level] = torch.where(match.any(1), match.int().argmax(1), -1)
@@ -82,13 +128,13 @@ class Trie:
         return self.token_ids[codes.shape[1]][ok[0]].tolist()
 
     def ads_at(self, leaves: torch.Tensor) -> np.ndarray:
-        """The ad ids of leaf nodes (complete S-IDs)."""
-        return self.ad_ids[self.leaf_row[leaves].numpy()]
+        """The ad ids of leaf nodes (complete S-IDs), an array shaped like `leaves`."""
+        return self.ad_ids[self.leaf_row[leaves.to(self.device)].cpu().numpy()]
 
     def leaves_of(self, ad_ids: Iterable[str]) -> torch.Tensor:
         """The leaf nodes of the given ads; ads the trie does not hold are skipped (they cannot be generated)."""
         rows = [self.row_of[a] for a in ad_ids if a in self.row_of]
-        return self.paths[torch.tensor(rows, dtype=torch.long), -1]
+        return self.paths[torch.tensor(rows, dtype=torch.long, device=self.device), -1]
 
     def with_active(self, ad_ids: Iterable[str], active: bool) -> Trie:
         """A trie with the given ads paused (`active=False`) or re-activated; only the counts on their paths change."""
@@ -96,9 +142,9 @@ class Trie:
         unknown = ad_ids - self.row_of.keys()
         if unknown:
             raise KeyError(f"ads not in the trie: {sorted(unknown)[:5]}")
-        rows = torch.tensor(sorted(self.row_of[a] for a in ad_ids), dtype=torch.long)
+        rows = torch.tensor(sorted(self.row_of[a] for a in ad_ids), dtype=torch.long, device=self.device)
         rows = rows[self.active[rows] != active]
-        delta = torch.full((len(rows),), 1 if active else -1, dtype=torch.long)
+        delta = torch.full((len(rows),), 1 if active else -1, dtype=torch.long, device=self.device)
         counts = tuple(c.index_add(0, self.paths[rows, level], delta) for level, c in enumerate(self.active_counts))
         flags = self.active.clone()
         flags[rows] = active
@@ -106,17 +152,18 @@ class Trie:
 
     def with_ads(self, ad_ids: Sequence[str], codes: np.ndarray, active: bool = True) -> Trie:
         """A trie that also holds new ads (e.g. from `sids assign`), rebuilt from its own S-IDs plus theirs: their
-        tokens already exist, so nothing outside the trie changes."""
+        tokens already exist, so nothing outside the trie changes. Built on the host, then moved to this trie's
+        device."""
         known = [a for a in ad_ids if a in self.row_of]
         if known:
             raise ValueError(f"ads already in the trie: {known[:5]}")
         return build_trie(
             np.concatenate([self.codes, np.asarray(codes, dtype=np.int64).reshape(-1, self.levels)]),
             np.concatenate([self.ad_ids, np.asarray(ad_ids, dtype=object)]),
-            np.concatenate([self.active.numpy(), np.full(len(ad_ids), active)]),
+            np.concatenate([self.active.cpu().numpy(), np.full(len(ad_ids), active)]),
             self.level_sizes,
             self.token_ids,
-        )
+        ).to(self.device)
 
 
 def build_trie(
@@ -126,7 +173,8 @@ def build_trie(
     level_sizes: Sequence[int],
     token_ids: Sequence[np.ndarray | torch.Tensor],
 ) -> Trie:
-    """A trie over every ad's S-ID (`codes` (N, L)); inactive ads are held but not allowed until re-activated."""
+    """A trie over every ad's S-ID (`codes` (N, L)), on the CPU; inactive ads are held but not allowed until
+    re-activated."""
     # copies throughout: a caller changing its arrays later must not change a trie a search may be using
     codes = np.array(codes, dtype=np.int64)
     level_sizes = tuple(int(k) for k in level_sizes)
@@ -154,7 +202,7 @@ def build_trie(
     ad_ids = np.array(ad_ids, dtype=object)
     return Trie(
         level_sizes=level_sizes,
-        token_ids=tuple(torch.as_tensor(t, dtype=torch.long).clone() for t in token_ids),
+        token_ids=tuple(torch.as_tensor(t, dtype=torch.long, device="cpu").clone() for t in token_ids),
         keys=tuple(keys),
         active_counts=counts,
         paths=paths,

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +79,26 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# The tiny config plus small evaluate / nearline / compile sections: a whole pipeline run (test_pipeline, test_demo).
+TINY_PIPELINE_CONFIG = TINY_CONFIG + """evaluate:
+  splits: [validation]
+  users: 30
+  beam: 10
+nearline:
+  top_n: 10
+compile:
+  users: 8
+  beam: 10
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_config(tiny_config: Path) -> Path:
+    path = tiny_config.with_name("tiny-pipeline.yaml")
+    path.write_text(TINY_PIPELINE_CONFIG)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_prompts_dir(tiny_data_dir: Path, tiny_sids_dir: Path, tiny_config: Path) -> Path:
     from leadre.config import read_config, section
@@ -103,3 +128,65 @@ def tiny_bundle_dir(tiny_sft_dir: Path, tiny_sids_dir: Path, tiny_data_dir: Path
     out = tiny_sids_dir.parent / "bundle"
     build_bundle(tiny_sft_dir, tiny_sids_dir, tiny_data_dir, out)
     return out
+
+
+class RedisProcess:
+    """A real `redis-server` on 127.0.0.1 (or `host`) without persistence; `stop()` and `start()` again keep the port."""
+
+    def __init__(self, binary: str, port: int, host: str = "127.0.0.1"):
+        self.binary, self.port, self.host = binary, port, host
+        self.address = f"{host}:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        # Protected mode refuses every address but loopback; another `host` is a test's own Docker network.
+        self.process = subprocess.Popen([self.binary, "--bind", self.host, "--port", str(self.port), "--save", "",
+                                         "--appendonly", "no", "--protected-mode", "yes" if self.host == "127.0.0.1"
+                                         else "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on {self.address}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def _redis_process(host: str = "127.0.0.1") -> RedisProcess:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    with socket.socket() as s:  # a free port: the kernel picks one, redis-server binds it right after
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return RedisProcess(binary, port, host)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real Redis for the session's tests: its address "127.0.0.1:PORT" (e.g. REDIS_CONNECTION_STRING)."""
+    server = _redis_process()
+    server.start()
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture
+def redis_outage() -> Iterator[RedisProcess]:
+    """A test's own Redis that it may stop and start again (outage tests); `.address`, `.stop()`, `.start()`."""
+    server = _redis_process()
+    server.start()
+    yield server
+    server.stop()

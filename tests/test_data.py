@@ -319,3 +319,29 @@ def test_movielens_100k_real_files(tmp_path: Path) -> None:
     tables, _ = load_movielens(shared_dataset("movielens-100k"))
     tables = write_data_dir(tables, tmp_path / "ml100k", "data movielens", {}, ["rating"])
     assert (len(tables.users), len(tables.ads), len(tables.events)) == (943, 1682, 100_000)
+
+
+def test_derived_ecpm_counts_the_training_window_only(tmp_path: Path) -> None:
+    """User 1 rates movies 1, 2, 3 in that order (validation target 2, test target 3); user 2 rates movie 3 only."""
+    import hashlib
+
+    folder = tmp_path / "ml"
+    _write_ml1m(folder)
+    (folder / "ratings_part.dat.gz").write_bytes(gzip.compress(b"1::1::5::100\n1::2::3::200\n1::3::4::300\n2::3::4::150\n"))
+
+    def expected(ad: str, n: int) -> float:  # DERIVED_ECPM, by hand
+        u = int.from_bytes(hashlib.sha1(ad.encode()).digest()[:8], "big") / 2**64
+        return round(1000 * (0.2 + 4.8 * u) * 0.05 * (n + 1) / (n + 50), 4)
+
+    tables, derived = load_movielens(folder, min_positives=3)
+    assert "training window" in derived["ecpm"]
+    # validation and test targets do not count: movie 2 has no training interaction, movie 3 only user 2's
+    assert tables.ads.set_index("ad_id")["ecpm"].to_dict() == {"1": expected("1", 1), "2": expected("2", 0),
+                                                               "3": expected("3", 1)}
+    tables, _ = load_movielens(folder, min_positives=4)  # user 1 is then training-only: every rating counts
+    assert tables.ads.set_index("ad_id")["ecpm"].to_dict() == {"1": expected("1", 1), "2": expected("2", 1),
+                                                               "3": expected("3", 2)}
+    assert main(["data", "movielens", "--path", str(folder), "--out", str(tmp_path / "d"), "--min-positives", "4"]) == 0
+    assert read_manifest(tmp_path / "d")["split"] == {"positive_actions": ["rating"], "min_positives": 4}
+    assert read_data_dir(tmp_path / "d").ads.set_index("ad_id")["ecpm"]["2"] == expected("2", 1)
+    assert main(["data", "movielens", "--path", str(folder), "--out", str(tmp_path / "e"), "--min-positives", "1"]) == 2

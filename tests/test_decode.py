@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from leadre.decode import HFStepModel, search
+from leadre.decode import HFStepModel, exclusion_keys, left_pad, search, search_batch
+from leadre.recall import LLMRecaller
 from leadre.trie import Trie, trie_from_table
-from tests.test_trie import LEVEL_SIZES, ORDINARY_TOKENS, random_table, sid_ids_after_ordinary
+from tests.test_trie import LEVEL_SIZES, NO_CUDA, ORDINARY_TOKENS, random_table, sid_ids_after_ordinary
 
 N_ADS = 24
 
@@ -149,3 +152,111 @@ def test_fewer_valid_ads_than_beams_gives_short_valid_lists(model, trie, prompts
     for prompt, got in zip(prompts, results):
         assert_same_ranking(got, brute_force(model, few, prompt))
         assert {ad for ad, _ in got} == set(trie.ad_ids[:3])
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_exclusion_prunes_prefixes_so_narrow_beams_return_full_lists(model, trie, prompts, renormalize):
+    """Exclude every ad below each user's best first-level code (plus a paused ad and one more): a search that
+    masked seen ads only at the last level would spend its narrow beams on those prefixes and come back short."""
+    paused = trie.with_active(["ad0", "ad1"], False)
+    step_model = HFStepModel(model)
+    exclude = []
+    for prompt in prompts:
+        ranking = brute_force(model, paused, prompt)
+        first = paused.codes[paused.row_of[ranking[0][0]], 0]
+        exclude.append({ad for ad, codes in zip(paused.ad_ids, paused.codes) if codes[0] == first}
+                       | {"ad0", ranking[-1][0]})
+    got = search(step_model, paused, prompts, top_n=5, beam_width=5, exclude=exclude, progress=False,
+                 renormalize=renormalize)
+    for prompt, seen, ads in zip(prompts, exclude, got):
+        allowed = [ad for ad, _ in brute_force(model, paused, prompt) if ad not in seen]
+        assert len(ads) == 5 <= len(allowed)  # full, with no excluded, paused or repeated ad
+        assert len(dict(ads)) == 5 and set(dict(ads)) <= set(allowed)
+        # excluding is pausing those ads for this user alone: the same search over a trie without them
+        alone = search(step_model, paused.with_active(seen, False), [prompt], top_n=5, beam_width=5, progress=False,
+                       renormalize=renormalize)[0]
+        assert_same_ranking(ads, alone)
+    if not renormalize:  # an exhaustive beam is exact: the brute-force ranking without the excluded ads
+        exhaustive = search(step_model, paused, prompts, top_n=5, beam_width=N_ADS, exclude=exclude, progress=False)
+        for prompt, seen, ads in zip(prompts, exclude, exhaustive):
+            assert_same_ranking(ads, [pair for pair in brute_force(model, paused, prompt) if pair[0] not in seen][:5])
+
+
+def test_exclusion_leaves_short_lists_only_where_too_few_ads_are_left(model, trie, prompts):
+    keep = set(trie.ad_ids[:4])
+    exclude = [set(trie.ad_ids) - keep, set(trie.ad_ids[2:])]  # 4 ads left for the first user, 2 for the second
+    got = search(HFStepModel(model), trie, prompts[:2], top_n=5, beam_width=5, exclude=exclude, progress=False)
+    assert {ad for ad, _ in got[0]} == keep and {ad for ad, _ in got[1]} == set(trie.ad_ids[:2])
+    assert_same_ranking(got[0], [pair for pair in brute_force(model, trie, prompts[0]) if pair[0] in keep])
+
+
+class TableStep:
+    """A `StepModel` whose logits are a fixed random function of the last token plus the row's earlier logits, on
+    any device. A unit-test stand-in for the real models above: on "meta" (no data) any host copy or mix with a
+    host tensor is an error, which shows where the search's work runs."""
+
+    def __init__(self, device: str, seed: int = 0):
+        vocab = ORDINARY_TOKENS + sum(LEVEL_SIZES)
+        self.device = torch.device(device)
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.table[input_ids.to(self.device)[:, -1]]
+        return logits, logits
+
+    def step(self, tokens: torch.Tensor, rows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = state[rows] + self.table[tokens]
+        return logits, logits
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_search_batch_runs_on_the_logits_device(trie, prompts, renormalize):
+    """Logits on "meta": every level's masks (seen ads' included), top-k and gathers must run there; a `.cpu()` or a
+    mask built on the host would raise. A trie still on the host is moved for the call."""
+    input_ids, attention_mask = left_pad(prompts)
+    for placed in (trie, trie.to("meta")):
+        excluded = exclusion_keys(placed, [set(trie.ad_ids[:3])] * len(prompts))
+        leaves, scores = search_batch(TableStep("meta"), placed, input_ids, attention_mask, top_n=5, beam_width=8,
+                                      excluded=excluded, renormalize=renormalize)
+        assert leaves.device.type == scores.device.type == "meta"
+        assert leaves.shape == scores.shape == (len(prompts), 5)
+
+
+def test_recaller_places_its_trie_on_the_step_device(model, trie):
+    on_meta = LLMRecaller(TableStep("meta"), None, trie)
+    assert on_meta.trie.device.type == "meta" and trie.device.type == "cpu"
+    paused = trie.with_active(["ad0"], False)
+    assert on_meta.with_trie(paused).trie.device.type == "meta" and paused.device.type == "cpu"
+    assert LLMRecaller(HFStepModel(model), None, trie).trie is trie  # already where the model is: no copy
+
+
+@NO_CUDA
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_search_on_cuda_matches_the_host(model, trie, prompts, renormalize):
+    paused = trie.with_active(["ad0", "ad1"], False)
+    exclude = [set(trie.ad_ids[i : i + 4]) for i in range(len(prompts))]
+    on_cpu = search(HFStepModel(model), paused, prompts, top_n=5, beam_width=6, exclude=exclude, progress=False,
+                    renormalize=renormalize)
+    on_cuda = HFStepModel(copy.deepcopy(model).to("cuda"))
+    for placed in (paused.to("cuda"), paused):  # placed once, or moved by the search
+        got = search(on_cuda, placed, prompts, top_n=5, beam_width=6, exclude=exclude, progress=False,
+                     renormalize=renormalize)
+        for ours, expected in zip(got, on_cpu):
+            assert [ad for ad, _ in ours] == [ad for ad, _ in expected]
+            assert [s for _, s in ours] == pytest.approx([s for _, s in expected], abs=1e-3)
+
+
+@NO_CUDA
+def test_search_batch_on_cuda_never_waits_for_the_host(trie, prompts):
+    """Once the prompts and the excluded ads are on the GPU, the search never synchronises with the host."""
+    step, placed = TableStep("cuda"), trie.to("cuda")
+    input_ids, attention_mask = (t.to("cuda") for t in left_pad(prompts))
+    excluded = exclusion_keys(placed, [set(trie.ad_ids[:3])] * len(prompts))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        leaves, scores = search_batch(step, placed, input_ids, attention_mask, top_n=5, beam_width=8, excluded=excluded)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert leaves.device.type == "cuda" and torch.isfinite(scores).all()
+    assert not set(placed.ads_at(leaves).ravel()) & set(trie.ad_ids[:3])

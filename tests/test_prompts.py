@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from leadre.artifacts import write_artifact
+from leadre.artifacts import read_manifest, write_artifact
 from leadre.cli import main
 from leadre.prompts import (TEMPLATES, PromptCatalogue, PromptConfig, UserHistory, build_prompt, build_prompt_sets,
-                            count_pieces, read_prompts)
+                            count_pieces, read_prompts, user_timelines)
 from leadre.schema import Tables
 from leadre.sid import TOKEN_RE, SidTable
 from leadre.split import leave_one_out
@@ -199,9 +199,14 @@ def test_bad_inputs(built) -> None:
 
 def test_cli_build_and_config_errors(tiny_data_dir: Path, tiny_tables: Tables, tmp_path: Path, capsys) -> None:
     sids = make_sids(tiny_tables.ads["ad_id"].to_numpy())
-    with write_artifact(tmp_path / "sids", "sids build") as (tmp, manifest):
-        sids.save(tmp)
-        manifest["level_sizes"] = list(sids.level_sizes)
+    for split in (None, read_manifest(tiny_data_dir)["split"]):  # S-IDs must record the data's split
+        with write_artifact(tmp_path / "sids", "sids build") as (tmp, manifest):
+            sids.save(tmp)
+            manifest.update(level_sizes=list(sids.level_sizes), split=split)
+        if split is None:
+            assert main(["prompts", "build", "--data", str(tiny_data_dir), "--sids", str(tmp_path / "sids"), "--out",
+                         str(tmp_path / "prompts")]) == 2
+            assert "records no split settings" in capsys.readouterr().err
     config = tmp_path / "cfg.yaml"
     config.write_text("prompts:\n  stream_max_ads: 4\n  implicit_per_user: 2\n")
     out = tmp_path / "prompts"
@@ -219,3 +224,22 @@ def test_cli_build_and_config_errors(tiny_data_dir: Path, tiny_tables: Tables, t
     assert main(["prompts", "build", "--data", str(tiny_data_dir), "--sids", str(tmp_path / "sids"), "--out",
                  str(tmp_path / "p2"), "--config", str(config)]) == 2
     assert "prompts.stream_max_ads: expected int" in capsys.readouterr().err
+
+
+def test_evaluation_examples_are_the_splits_targets(built) -> None:
+    """Validation and test examples come from the split's own targets and histories (nothing re-derived), and the
+    training window ends right before each evaluated user's validation target."""
+    from leadre.metrics import user_histories
+
+    tables, split, sids, sets = built
+    for which in ("validation", "test"):
+        targets, histories = user_histories(split, which)
+        assert [e["user_id"] for e in sets[which]] == targets["user_id"].tolist()
+        assert [e["target"] for e in sets[which]] == targets["ad_id"].tolist()
+        assert [e["seen"] for e in sets[which]] == histories
+    validation = split.targets("validation").set_index("user_id")["pos"]
+    for t in user_timelines(tables, split):
+        window = t.ad_pos[:t.n_train]
+        assert (window < validation[t.user_id]).all() if t.target_pos else t.n_train == len(t.ads)
+        if t.target_pos:
+            assert t.ad_pos[t.n_train] == validation[t.user_id]

@@ -10,17 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from leadre.artifacts import read_manifest
 from leadre.cli import main
 from leadre.dpo import DPOSettings, build_pairs, preference_margin, train_dpo
+from leadre.evaluate import evaluate
+from leadre.gate import read_evaluation
 from leadre.model import load_model
-from leadre.prompts import read_prompts
+from leadre.prompts import build_prompts, read_prompts
 from leadre.recall import LLMRecaller
-from leadre.schema import read_data_dir
+from leadre.schema import read_data_dir, split_settings_of, write_data_dir
 from leadre.sft import TrainSettings, mix_examples, tokenize_examples
 from leadre.sid import load_sid_table
+from leadre.split import SplitMismatch
 
 
 def test_sft_lowers_the_loss_and_keeps_the_best_checkpoint(tiny_sft_dir: Path) -> None:
@@ -75,14 +81,17 @@ def test_resume_after_a_crash(tiny_prompts_dir: Path, tiny_sids_dir: Path, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # nothing half-written
-    first = min(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    last = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    saved = json.loads((checkpoints / f"checkpoint-{last}" / "trainer_state.json").read_text())
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resuming from {checkpoints}/checkpoint-" in done.stderr
+    assert f"resuming from {checkpoints}/checkpoint-{last}\n" in done.stderr
     meta = json.loads((out / "leadre_model.json").read_text())
-    assert meta["training"]["resumed_from"].endswith(f"checkpoint-{first}") or meta["training"]["resumed_from"]
+    assert meta["training"]["resumed_from"] == str(checkpoints / f"checkpoint-{last}")
+    # the resumed run carries the checkpoint's history and goes on past it, to the end of the schedule
     history = json.loads((out / "log_history.json").read_text())
-    assert min(h["step"] for h in history if "loss" in h) > 0 and meta["training"]["steps"] > first
+    assert history[:len(saved["log_history"])] == saved["log_history"]
+    assert meta["training"]["steps"] == saved["max_steps"] > last
 
 
 def test_dpo_moves_the_policy_toward_chosen(tiny_data_dir: Path, tiny_prompts_dir: Path, tiny_sft_dir: Path,
@@ -108,9 +117,7 @@ def test_generated_negatives_are_never_engaged(tiny_data_dir: Path, tiny_prompts
     model, tokenizer, meta = load_model(tiny_sft_dir)
     recaller = LLMRecaller.from_model(model, tokenizer, load_sid_table(meta["sids"]))
     pairs = build_pairs(tiny_data_dir, tiny_prompts_dir, recaller, DPOSettings(max_users=30, ecpm_share=0.0))
-    from leadre.split import leave_one_out
-
-    split = leave_one_out(read_data_dir(tiny_data_dir).events, ["click", "conversion"])
+    split = split_settings_of(tiny_data_dir).split(read_data_dir(tiny_data_dir).events)
     engaged = split.train_targets().groupby("user_id")["item_id"].agg(set).to_dict()
     sids = load_sid_table(meta["sids"])
     assert pairs and all(p["kind"] == "generated" for p in pairs)
@@ -119,23 +126,78 @@ def test_generated_negatives_are_never_engaged(tiny_data_dir: Path, tiny_prompts
         assert rejected not in engaged[p["user_id"]]
 
 
-def test_evaluate_and_gate(tiny_data_dir: Path, tiny_sids_dir: Path, tiny_sft_dir: Path, tmp_path: Path,
-                           capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_and_gate(tiny_data_dir: Path, tiny_sids_dir: Path, tiny_sft_dir: Path, tiny_prompts_dir: Path,
+                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_sft_dir), "--data", str(tiny_data_dir), "--sids", str(tiny_sids_dir),
                  "--out", str(out), "--split", "both", "--beam", "50"]) == 0
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = read_evaluation(out)
+    per_user = doc.pop("per_user")
+    split = split_settings_of(tiny_data_dir).split(read_data_dir(tiny_data_dir).events)
+    n_users = int((split.users["test_pos"] >= 0).sum())  # every evaluated user, no sample
     assert doc["model"] == "sft" and set(doc["results"]) == {"sft", "popularity", "cooccurrence"}
-    for split in ("validation", "test"):
+    assert doc["protocol"]["users"]["validation"]["count"] == n_users and doc["protocol"]["split"] == split_settings_of(
+        tiny_data_dir).as_dict()
+    for split_name in ("validation", "test"):
+        assert list(doc["results"]["sft"][split_name]) == ["seen_excluded", "seen_kept"]
         for variant in ("seen_kept", "seen_excluded"):
-            m = doc["results"]["sft"][split][variant]
-            assert m["invalid_id_rate"] == 0.0 and 0 <= m["recall@10"] <= m["recall@50"] <= 1
-            assert m["users"] == doc["results"]["popularity"][split][variant]["users"]
+            m = doc["results"]["sft"][split_name][variant]
+            rows = per_user[(per_user["model"] == "sft") & (per_user["split"] == split_name)
+                            & (per_user["variant"] == variant)]
+            assert m["users"] == len(rows) == n_users and m["invalid_id_rate"] == 0.0
+            assert m["list_length"] == 50.0  # full lists, seen ads excluded or not
+            assert m["recall@10"] == pytest.approx(((rows["rank"] >= 0) & (rows["rank"] < 10)).mean())
+            low, high = doc["intervals"]["sft"][split_name][variant]["recall@10"]
+            assert low <= m["recall@10"] <= high and high - low < 0.25
+    # The evaluation's ranks against decoding the prompts artifact's validation examples directly, seen excluded
+    # (all users in the evaluation's order: the same batches, so near-ties break alike).
+    examples = {e["user_id"]: e for e in read_prompts(tiny_prompts_dir, "validation")}
+    model, tokenizer, meta = load_model(tiny_sft_dir)
+    ads = read_data_dir(tiny_data_dir).ads
+    recaller = LLMRecaller.from_model(model, tokenizer, load_sid_table(meta["sids"]), set(ads.loc[ads["active"], "ad_id"]))
+    rows = per_user[(per_user["model"] == "sft") & (per_user["split"] == "validation")
+                    & (per_user["variant"] == "seen_excluded")]
+    chosen = [examples[u] for u in rows["user_id"]]
+    ranked = recaller.recall([e["prompt"] for e in chosen], top_n=50, beam_width=50, exclude=[e["seen"] for e in chosen])
+    direct = [next((i for i, (ad, _) in enumerate(r) if ad == e["target"]), -1) for r, e in zip(ranked, chosen)]
+    assert rows["rank"].tolist() == direct
+    # Popularity, seen kept, from the training positives by hand.
+    targets = split.targets("test")
+    counts = split.train_targets()["item_id"].value_counts()
+    active = ads.loc[ads["active"], "ad_id"].to_numpy()
+    top10 = set(active[np.argsort(-pd.Series(active).map(counts).fillna(0).to_numpy(), kind="stable")[:10]])
+    assert doc["results"]["popularity"]["test"]["seen_kept"]["recall@10"] == pytest.approx(
+        targets["ad_id"].isin(top10).mean())
     assert (out / "recall_at_k.png").is_file() and "| recall@10 |" in (out / "metrics.md").read_text()
+
     capsys.readouterr()
-    assert main(["gate", "--candidate", str(out), "--current", str(tmp_path / "nothing-deployed")]) == 0
+    assert main(["gate", "--candidate", str(out), "--current", str(tmp_path / "nothing-deployed")]) == 2
+    assert main(["gate", "--candidate", str(out), "--first-deploy"]) == 0
     assert "promote" in capsys.readouterr().out.lower()
     assert main(["gate", "--candidate", str(out), "--current", str(out)]) == 1  # a tie keeps the current model
+    sampled = tmp_path / "sampled"
+    assert main(["evaluate", "--model", str(tiny_sft_dir), "--data", str(tiny_data_dir), "--sids", str(tiny_sids_dir),
+                 "--out", str(sampled), "--users", "30", "--beam", "50", "--no-baselines"]) == 0
+    capsys.readouterr()
+    assert main(["gate", "--candidate", str(sampled), "--current", str(out)]) == 2  # other users: refused
+    assert "evaluated with different users" in capsys.readouterr().err
+
+
+def test_every_step_checks_the_split(tiny_data_dir: Path, tiny_sids_dir: Path, tiny_prompts_dir: Path,
+                                     tiny_sft_dir: Path, tmp_path: Path) -> None:
+    """Data written with another min_positives: the S-IDs, prompts and model made on the first split are refused."""
+    other = tmp_path / "data-min4"
+    write_data_dir(read_data_dir(tiny_data_dir), other, "data synth", {}, ["click", "conversion"], min_positives=4)
+    assert read_manifest(other)["split"] == {"positive_actions": ["click", "conversion"], "min_positives": 4}
+    assert read_manifest(tiny_sids_dir)["split"] == read_manifest(tiny_prompts_dir)["split"] == json.loads(
+        (tiny_sft_dir / "leadre_model.json").read_text())["split"] == read_manifest(tiny_data_dir)["split"]
+    with pytest.raises(SplitMismatch, match="S-IDs .* was made on the split .*'min_positives': 3.* not on .*4"):
+        build_prompts(other, tiny_sids_dir, tmp_path / "prompts")
+    with pytest.raises(SplitMismatch, match="S-IDs"):
+        evaluate([tiny_sft_dir], other, tiny_sids_dir, tmp_path / "eval")
+    with pytest.raises(SplitMismatch, match="model"):
+        train_dpo(tiny_sft_dir, tiny_prompts_dir, other, tmp_path / "dpo")
+    assert not any((tmp_path / name).exists() for name in ("prompts", "eval", "dpo"))
 
 
 def test_bad_training_config_names_the_key(tiny_prompts_dir: Path, tiny_sids_dir: Path, tmp_path: Path,

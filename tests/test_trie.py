@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -11,6 +12,9 @@ from leadre.trie import Trie, build_trie, trie_from_table
 
 LEVEL_SIZES = (3, 4, 3)
 ORDINARY_TOKENS = 50
+# the host, and a GPU where there is one: a trie moved there must answer exactly as on the host
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_CUDA)]
 
 
 def random_table(n_ads: int, level_sizes: tuple[int, ...], seed: int) -> SidTable:
@@ -30,8 +34,8 @@ def sid_ids_after_ordinary(level_sizes: tuple[int, ...]) -> list[np.ndarray]:
 
 def allowed_paths(trie: Trie) -> dict[tuple[int, ...], str]:
     """Every complete S-ID the trie allows (walked with the vectorised masks) → the ad it names."""
-    paths = torch.zeros((1, 0), dtype=torch.long)
-    nodes = torch.zeros(1, dtype=torch.long)
+    paths = torch.zeros((1, 0), dtype=torch.long, device=trie.device)
+    nodes = torch.zeros(1, dtype=torch.long, device=trie.device)
     for level in range(trie.levels):
         allowed, children = trie.allowed(level, nodes)
         beam, code = allowed.nonzero(as_tuple=True)
@@ -61,12 +65,14 @@ def test_allowed_paths_are_exactly_the_active_ads():
     check_against_reference(trie, {a: tuple(c) for a, c in zip(table.ad_ids, table.codes.tolist()) if a in active})
 
 
-def test_random_add_pause_activate_sequences_match_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_add_pause_activate_sequences_match_reference(device):
     rng = np.random.default_rng(1)
     table = random_table(30, LEVEL_SIZES, seed=1)
     held, spare = table.ad_ids[:20], table.ad_ids[20:]
     codes = {a: tuple(c) for a, c in zip(table.ad_ids, table.codes.tolist())}
     trie = trie_from_table(SidTable(held, table.codes[:20], LEVEL_SIZES), sid_ids_after_ordinary(LEVEL_SIZES))
+    trie = trie.to(device)
     active = set(held)
     for _ in range(40):
         op = rng.choice(["pause", "activate", "add"])
@@ -78,6 +84,7 @@ def test_random_add_pause_activate_sequences_match_reference():
             chosen = rng.choice(np.array(list(trie.row_of)), size=3, replace=False).tolist()
             trie = trie.with_active(chosen, op == "activate")
             active = active | set(chosen) if op == "activate" else active - set(chosen)
+        assert trie.device.type == device  # serving's updates keep the trie where the model is
         check_against_reference(trie, {a: codes[a] for a in active})
 
 
@@ -124,3 +131,57 @@ def test_colliding_sids_are_rejected():
     with pytest.raises(ValueError, match="share an S-ID"):
         build_trie(codes, np.array(["x", "y"]), np.ones(2, bool), LEVEL_SIZES, token_ids)
 
+
+def tensors_of(trie: Trie) -> dict[str, torch.Tensor]:
+    """Every tensor the trie holds (per-level tuples included), by name."""
+    found = {}
+    for f in dataclasses.fields(trie):
+        value = getattr(trie, f.name)
+        for i, t in enumerate(value if isinstance(value, tuple) else (value,)):
+            if isinstance(t, torch.Tensor):
+                found[f"{f.name}[{i}]"] = t
+    return found
+
+
+def test_to_moves_every_tensor_and_leaves_the_original():
+    trie = trie_from_table(random_table(12, LEVEL_SIZES, seed=2), sid_ids_after_ordinary(LEVEL_SIZES))
+    assert trie.to("cpu") is trie and trie.to(torch.device("cpu")) is trie
+    # "meta" has no data, but it shows where each tensor went: one left behind would stay on the CPU
+    moved = trie.to("meta")
+    assert set(tensors_of(moved)) == set(tensors_of(trie)) and {"live_keys[0]", "paths[0]"} <= set(tensors_of(moved))
+    assert {name: t.device.type for name, t in tensors_of(moved).items()} == dict.fromkeys(tensors_of(trie), "meta")
+    assert moved.device.type == "meta" and moved.to("meta") is moved
+    assert all(t.device.type == "cpu" for t in tensors_of(trie).values())
+    assert moved.row_of is trie.row_of and moved.codes is trie.codes  # host-side lookups are shared, not copied
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_moved_trie_answers_as_on_the_host(device):
+    table = random_table(20, LEVEL_SIZES, seed=5)
+    trie = trie_from_table(table, sid_ids_after_ordinary(LEVEL_SIZES)).with_active(table.ad_ids[:5], False)
+    moved = trie.to(device)
+    assert allowed_paths(moved) == allowed_paths(trie)
+    prefixes = torch.tensor(list(itertools.product(*map(range, LEVEL_SIZES[:2]))))
+    assert moved.node_of(prefixes).device.type == device
+    assert moved.node_of(prefixes).tolist() == trie.node_of(prefixes).tolist()
+    assert moved.allowed_tokens_after([ORDINARY_TOKENS]) == trie.allowed_tokens_after([ORDINARY_TOKENS])
+    leaves = trie.leaves_of(table.ad_ids[::3])
+    assert moved.leaves_of(table.ad_ids[::3]).tolist() == leaves.tolist()
+    assert moved.ads_at(leaves).tolist() == trie.ads_at(leaves).tolist() == table.ad_ids[::3].tolist()
+    resumed = moved.with_active(table.ad_ids[:5], True)
+    assert resumed.device == moved.device
+    assert allowed_paths(resumed) == allowed_paths(trie.with_active(table.ad_ids[:5], True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_excluded_below_counts_each_users_active_excluded_ads_once(device):
+    codes = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    trie = build_trie(codes, np.array(["w", "x", "y", "z"]), np.ones(4, bool), LEVEL_SIZES,
+                      sid_ids_after_ordinary(LEVEL_SIZES)).with_active(["y"], False).to(device)
+    leaf = dict(zip("wxyz", trie.leaves_of("wxyz").tolist()))
+    # user 0 excludes w twice and the paused y; user 1 excludes x and z
+    excluded = torch.tensor([leaf["w"], leaf["y"], leaf["w"], len(trie) + leaf["x"], len(trie) + leaf["z"]])
+    index = trie.exclusion_index(excluded)
+    first = trie.node_of(torch.tensor([[0], [1]]))
+    users = torch.tensor([[0], [1]], device=device)
+    assert trie.excluded_below(0, first[None, :], users, index).tolist() == [[1, 0], [1, 1]]
