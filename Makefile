@@ -7,7 +7,7 @@ EXTRAS ?= cpu,test
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow test-images bench clean
+.PHONY: system-deps install demo test test-slow test-images bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-install: $(VENV)/.installed-$(EXTRAS)
+# The integration tests and the demo start the real Redis server binary (Debian's redis-server).
+system-deps:
+	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
+
+install: system-deps $(VENV)/.installed-$(EXTRAS)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/leadre demo

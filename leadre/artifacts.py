@@ -53,12 +53,22 @@ def write_artifact(
     try:
         yield tmp, manifest
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is as readable as any new folder
+        _normal_permissions(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("%s: wrote %s %s", step, out, manifest["counts"])
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes the folder private and safetensors writes its files 0600; an artifact is as readable as any
+    new file, so a pod running as another user (the predictor's uid 1000) can load it."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:

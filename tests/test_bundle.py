@@ -125,3 +125,10 @@ def test_with_status_pauses_resumes_and_adds_ads_without_touching_the_old_bundle
     assert any(ad == "brand_new" for ad, _ in grown.recall([history], k=len(grown.ads), beam_width=len(grown.ads))[0])
     with pytest.raises(ValueError, match="need S-IDs"):
         bundle.with_status(new_ads)
+
+
+def test_bundle_files_are_readable_by_the_predictors_user(tiny_bundle_dir: Path) -> None:
+    # safetensors writes 0600 files; a predictor running as another uid (1000 in the image) must still read them
+    files = [p for p in tiny_bundle_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in files), [p for p in files if p.stat().st_mode & 0o044 != 0o044]

@@ -2,9 +2,9 @@
 system, a tmpfs /tmp, user 1000, no capabilities) for one pipeline step and for both predictors answering requests.
 
 Opt-in, slow and needing a running Docker engine: `make test-images` (LEADRE_IMAGE_TESTS=1). The first run builds
-leadre:cpu (about 15 minutes here); later runs reuse it while its sources are unchanged. The predictor containers
-run with exactly the args, env, user and mounts that the rendered `local` overlay declares (tests/test_manifests.py),
-except the Redis address, which points at this test's own redis-server.
+leadre:cpu (2 to 7 minutes here with overlay2); later runs reuse it while its sources are unchanged. The predictor
+containers run with exactly the args, env, user and mounts that the rendered `local` overlay declares
+(tests/test_manifests.py), except the Redis address, which points at this test's own redis-server.
 """
 
 from __future__ import annotations
@@ -179,36 +179,38 @@ def start_predictor(service: str, image: str, bundle: Path, volumes: dict[str, P
 
     spec = predictor_run_spec("local", service)
     assert spec["image"] == image and spec["read_only"], spec
-    env = spec["env"] | {"REDIS_CONNECTION_STRING": f"redis:{redis.rsplit(':', 1)[1]}"}
     options = ["--user", f"{spec['user']}:{spec['user']}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
                "--read-only", "--network", network, "--add-host", f"redis:{redis.rsplit(':', 1)[0]}",
                "-p", f"127.0.0.1::{spec['port']}",
                "-v", f"{bundle}:{spec['bundle_mount']}:ro", *container_mounts(service, volumes)]
-    for key, value in env.items():
-        options += ["-e", f"{key}={value}"]
     name = f"leadre-test-{service}-{uuid.uuid4().hex[:8]}"
-    docker("run", "-d", "--name", name, *options, image, *spec["args"])
-    port = docker("port", name, f"{spec['port']}/tcp").stdout.split()[0].rsplit(":", 1)[1]
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        state = json.loads(docker("inspect", name).stdout)[0]["State"]
-        assert state["Running"], f"{service} container exited:\n{docker('logs', name, check=False).stderr[-6000:]}"
-        try:
-            if httpx.get(url + spec["readiness_path"], timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{service} not ready:\n{docker('logs', name, check=False).stderr[-6000:]}"
-        time.sleep(2)
-    assert httpx.get(url + spec["liveness_path"], timeout=5).status_code == 200
+    docker("run", "-d", "--name", name, *options, *env_options(spec["env"], redis), image, *spec["args"])
+    try:
+        port = docker("port", name, f"{spec['port']}/tcp").stdout.split()[0].rsplit(":", 1)[1]
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            state = json.loads(docker("inspect", name).stdout)[0]["State"]
+            assert state["Running"], f"{service} exited:\n{docker('logs', name, check=False).stderr[-6000:]}"
+            try:
+                if httpx.get(url + spec["readiness_path"], timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (
+                f"{service} not ready:\n{docker('logs', name, check=False).stderr[-6000:]}")
+            time.sleep(2)
+        assert httpx.get(url + spec["liveness_path"], timeout=5).status_code == 200
+    except BaseException:
+        docker("rm", "-f", name, check=False)
+        raise
     return name, url
 
 
-def feast_env(redis: str) -> list[str]:
-    from tests.test_manifests import predictor_run_spec
-
-    env = predictor_run_spec("local", "recall")["env"] | {"REDIS_CONNECTION_STRING": f"redis:{redis.rsplit(':', 1)[1]}"}
+def env_options(env: dict[str, str], redis: str) -> list[str]:
+    """`-e` options for a manifest's environment, with the cluster's Redis Service pointed at the test's Redis
+    (the `redis` host name is mapped to its address with --add-host)."""
+    env = env | {"REDIS_CONNECTION_STRING": f"redis:{redis.rsplit(':', 1)[1]}"}
     return [option for key, value in env.items() for option in ("-e", f"{key}={value}")]
 
 
@@ -222,19 +224,21 @@ def test_predictors_answer_in_their_containers(image, tiny_bundle_dir, tiny_data
                                                tmp_path):
     """Feast applied and materialized by the image into Redis; the near-line container searches a user's list and
     publishes it; the recall container answers V1 and V2 from it (and from its fallback for another user)."""
-    # KServe's storage initializer copies the bundle for the predictor; a copy readable by user 1000 here, as
-    # safetensors 0.8 writes its files with mode 0600 whoever built them.
+    # KServe's storage initializer copies the bundle for the predictor; the bundle's files must be readable by
+    # user 1000 as they are (write_artifact gives every artifact file normal permissions)
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_dir, bundle)
-    for path in [bundle, *bundle.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
     repo = tmp_path / "feature_repo"
     shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     writable_dir(repo)
     volumes = {"leadre-feast-registry": writable_dir(tmp_path / "feast"),
                "leadre-logs": writable_dir(tmp_path / "logs"), "config": tmp_path / "config"}
+    from tests.test_manifests import predictor_run_spec
+
+    # The Feast steps run with the predictors' environment: the same production config, registry and Redis.
+    recall_env = predictor_run_spec("local", "recall")["env"]
     feast = ["run", "--rm", *locked_down(), "--network", network[0], "--add-host",
-             f"redis:{network_redis.rsplit(':', 1)[0]}", *feast_env(network_redis),
+             f"redis:{network_redis.rsplit(':', 1)[0]}", *env_options(recall_env, network_redis),
              "-v", f"{repo}:/mnt/feature_repo", "-v", f"{volumes['leadre-feast-registry']}:/var/lib/feast",
              "-v", f"{tiny_data_dir}:/mnt/data:ro", image, "features"]
     for step in ("apply", "materialize"):
