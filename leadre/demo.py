@@ -164,9 +164,8 @@ def run_demo(out: Path, users: int = 2000, seed: int = 0, config: Path = DEMO_CO
     from pipelines import build_pipeline
 
     started = time.perf_counter()
-    if not verbose:  # the steps' own logging, httpx's line per request and libraries' deprecations are for -v
+    if not verbose:  # the steps' own logging and httpx's line per request are for -v
         logging.getLogger().setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
     out = Path(out).resolve()
     _fresh(out)
     repo = _feature_repo(out)
@@ -196,7 +195,10 @@ def run_demo(out: Path, users: int = 2000, seed: int = 0, config: Path = DEMO_CO
                          + ", ".join(f"{n:,} answered by {s}" for s, n in sorted(sources.items())), t)
     t = time.perf_counter()
     settings = DriftSettings(min_users=min(DriftSettings.min_users, len(user_ids)))
-    summary = drift_report(data, out / "requests", out / "drift", settings)
+    with warnings.catch_warnings():
+        if not verbose:  # Evidently's imports raise library deprecations (Feast's import re-enabled their display)
+            warnings.simplefilter("ignore", DeprecationWarning)
+        summary = drift_report(data, out / "requests", out / "drift", settings)
     verdict = "DRIFT: retrain signal written" if summary["drift_detected"] else "no drift"
     _line("drift", f"drift share {summary['drift_share']:.2f} (threshold {summary['threshold']}) over "
                    f"{summary['counts']['users']:,} users: {verdict}", t)

@@ -164,7 +164,11 @@ class RequestLog:
             try:
                 for hour, items in groupby(batch, key=lambda item: item[0]):
                     f = self._file_for(hour)
-                    f.write(b"".join(line for _, line in items))
+                    for _, line in items:  # a file is rotated inside a batch too: a busy server logs big batches
+                        f.write(line)
+                        if f.tell() >= self.max_file_bytes:
+                            f.flush()
+                            f = self._file_for(hour)
                     f.flush()
             except OSError:  # the server keeps answering; the loss is counted and logged
                 self.dropped += len(batch)

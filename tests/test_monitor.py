@@ -43,6 +43,7 @@ def test_request_log_threads_rotation(tmp_path: Path) -> None:
             w.join()
     files = sorted(tmp_path.glob("*.jsonl"))
     assert len(files) > 5  # rotated by size
+    assert all(f.stat().st_size < 8192 + 512 for f in files)  # inside a batch too: at most one line past the limit
     df = read_logs(tmp_path)
     assert len(df) == threads * per_thread and df.attrs["malformed"] == 0
     assert set(zip(df["user_id"], df["n_ads"])) == {(f"t{t}", i) for t in range(threads) for i in range(per_thread)}
