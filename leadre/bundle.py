@@ -12,6 +12,7 @@ bundle copied to another machine or pod loads as it is and a damaged copy is ref
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from leadre.artifacts import ArtifactError, read_manifest, write_artifact
+from leadre.artifacts import MANIFEST, ArtifactError, read_manifest, write_artifact
 from leadre.prompts import PromptCatalogue, PromptConfig, UserHistory, build_prompt
 from leadre.recall import LLMRecaller
 from leadre.schema import read_data_dir, split_settings_of
@@ -46,7 +47,8 @@ def _sha256(file: Path) -> str:
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    """Every file's SHA-256 but the bundle's own manifest (the nested artifacts' manifests are content too)."""
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p != root / MANIFEST}
 
 
 def model_version(model_dir: str | Path, stage: str) -> str:
@@ -67,7 +69,7 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
     _require_safetensors(model_dir)
     if not (model_dir / METADATA).is_file():
         raise ArtifactError(f"{model_dir}: no {METADATA}; not a model directory written by LEADRE's training")
-    metadata = pd.read_json(model_dir / METADATA, typ="series").to_dict()
+    metadata = json.loads((model_dir / METADATA).read_text())
     sids = load_sid_table(sids_dir)
     if list(sids.level_sizes) != list(metadata["level_sizes"]):
         raise ArtifactError(f"{model_dir} knows S-ID levels {metadata['level_sizes']}, but {sids_dir} has "
@@ -79,12 +81,12 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
     if missing:
         raise ArtifactError(f"{len(missing)} ads of {data_dir} have no S-ID in {sids_dir} (e.g. {missing[:3]}); "
                             "run `leadre sids assign` for new ads first")
-    if compiled_dir is not None:
-        compiled = read_manifest(compiled_dir, "compile")
-        if compiled.get("model_version") not in (None, model_version(model_dir, metadata.get("stage", "model"))):
-            raise ArtifactError(f"{compiled_dir} was compiled from model {compiled.get('model_version')}, not from {model_dir}")
     stage = metadata.get("stage", "model")
     version = model_version(model_dir, stage)
+    if compiled_dir is not None:
+        compiled = read_manifest(compiled_dir, "compile")
+        if compiled.get("model_version") not in (None, version):
+            raise ArtifactError(f"{compiled_dir} was compiled from model {compiled.get('model_version')}, not from {model_dir}")
     inputs = {"model": model_dir, "sids": sids_dir, "data": data_dir} | ({"compiled": compiled_dir} if compiled_dir else {})
     with write_artifact(out, STEP, inputs) as (tmp, manifest):
         shutil.copytree(model_dir, tmp / MODEL)

@@ -24,7 +24,9 @@ def test_bundle_holds_everything_serving_needs_named_by_content(tiny_bundle_dir:
     manifest = json.loads((tiny_bundle_dir / "manifest.json").read_text())
     assert manifest["step"] == "bundle"
     assert manifest["model_version"].startswith("sft-") and len(manifest["model_version"]) == len("sft-") + 12
-    assert {"model/leadre_model.json", "sids/sids.parquet", "ads.parquet", "contents.parquet"} <= set(manifest["files"])
+    assert {"model/leadre_model.json", "sids/sids.parquet", "sids/manifest.json", "ads.parquet",
+            "contents.parquet"} <= set(manifest["files"])
+    assert "manifest.json" not in manifest["files"]  # only the bundle's own manifest is left out
     assert all(len(digest) == 64 for digest in manifest["files"].values())
     assert manifest["prompt_config"]["max_prompt_tokens"] == 160  # the tiny config the model was trained with
     ads = pd.read_parquet(tiny_data_dir / "ads.parquet")
