@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -114,7 +115,13 @@ async def _closed_loop(port: int, requests: list[bytes]) -> dict:
 
 
 def _generator(kind: str, port: int, requests: list[bytes], rate: float, out: mp.Queue) -> None:
-    """The load generator process: its own interpreter and event loop, so it does not share the servers' GIL."""
+    """The load generator process: its own interpreter and event loop, so it does not share the servers' GIL.
+    Its garbage collector is off for the run: a full collection over this process's heap (pandas, numpy and
+    the leadre modules its parent imported) stalls its event loop for 100-200 ms, which the latencies would
+    otherwise charge to the server."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     run = _open_loop(port, requests, rate) if kind == "open" else _closed_loop(port, requests)
     out.put(asyncio.run(run))
 

@@ -41,6 +41,8 @@ user_behaviour = FeatureView(
     schema=[
         Field(name="recent_ads", dtype=Array(String), description="positive ad interactions, oldest first (capped)"),
         Field(name="recent_contents", dtype=Array(String), description="content interactions, oldest first (capped)"),
+        Field(name="n_recent_ads", dtype=Int64, description="length of recent_ads (what the recall service logs)"),
+        Field(name="n_recent_contents", dtype=Int64, description="length of recent_contents"),
     ],
     source=parquet_source("user_behaviour"),
 )

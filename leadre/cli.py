@@ -66,10 +66,10 @@ def _data_validate(args: argparse.Namespace) -> None:
 
 
 def _data_stats(args: argparse.Namespace) -> None:
-    from leadre.schema import positive_actions_of, read_data_dir
+    from leadre.schema import read_data_dir, split_settings_of
     from leadre.stats import data_stats, format_stats
 
-    stats = data_stats(read_data_dir(args.dir), positive_actions_of(args.dir))
+    stats = data_stats(read_data_dir(args.dir), split_settings_of(args.dir))
     print(json.dumps(stats, indent=2, default=str) if args.json else format_stats(stats))
 
 

@@ -85,7 +85,9 @@ def evaluate(model_dirs: Sequence[str | Path], data_dir: str | Path, sids_dir: s
     protocol: dict[str, Any] = {
         "data": fingerprint(tables.ads, tables.contents, tables.users, tables.events),
         "sids": fingerprint(sids.frame(), pd.DataFrame({"level_size": sids.level_sizes})),
-        "split": split_settings.as_dict(), "search": {"beam": beam, "renormalize": renormalize}, "users": {}}
+        "split": split_settings.as_dict(), "users": {},
+        # bfloat16 reorders near-ties (bench/README.md): the decoding precision is part of the protocol
+        "search": {"beam": beam, "renormalize": renormalize, "dtype": str(inference_dtype(target)).removeprefix("torch.")}}
 
     results: dict[str, dict[str, Any]] = {}
     intervals: dict[str, dict[str, Any]] = {}

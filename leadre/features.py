@@ -43,6 +43,8 @@ BATCH_VIEWS = ("user_profile", "user_behaviour", "ad_status")
 RECALL_PUSH = "recall_push"
 
 PROFILE_REFS = ["user_profile:profile", "user_behaviour:recent_ads", "user_behaviour:recent_contents"]
+# What the recall service logs of a user for drift monitoring: the profile and the behaviour lists' lengths only.
+PROFILE_SUMMARY_REFS = ["user_profile:profile", "user_behaviour:n_recent_ads", "user_behaviour:n_recent_contents"]
 RECALL_REFS = ["recall_list:ad_ids", "recall_list:scores", "recall_list:model_version", "recall_list:generated_at"]
 AD_STATUS_REFS = ["ad_status:active", "ad_status:ecpm"]
 RECALL_COLUMNS = ("user_id", "ad_ids", "scores", "model_version", "generated_at")
@@ -120,8 +122,9 @@ def open_store(repo: str | Path, production: bool = False) -> FeatureStore:
 
 def behaviour_lists(events: pd.DataFrame, positive_actions: Iterable[str], max_items: int = MAX_RECENT) -> pd.DataFrame:
     """Per user with events: `recent_ads` (positive ad interactions without repeats) and `recent_contents`, in stable
-    time order, oldest first, the last `max_items` of each; `event_timestamp` is the user's latest event. The batch
-    form of `leadre.bundle.history_from_events` (same `order_events` and `mark_positives`)."""
+    time order, oldest first, the last `max_items` of each, and their lengths (`n_recent_ads`, `n_recent_contents`);
+    `event_timestamp` is the user's latest event. The batch form of `leadre.bundle.history_from_events` (same
+    `order_events` and `mark_positives`)."""
     ordered = order_events(events)
     positive = mark_positives(ordered, list(positive_actions))
 
@@ -133,7 +136,9 @@ def behaviour_lists(events: pd.DataFrame, positive_actions: Iterable[str], max_i
                      recent(ordered["item_type"] == "content").rename("recent_contents")], axis=1)
     for column in ("recent_ads", "recent_contents"):
         out[column] = [v if isinstance(v, list) else [] for v in out[column]]
-    return out.rename_axis("user_id").reset_index()[["user_id", "recent_ads", "recent_contents", "event_timestamp"]]
+        out[f"n_{column}"] = out[column].map(len).astype("int64")
+    return out.rename_axis("user_id").reset_index()[["user_id", "recent_ads", "recent_contents", "n_recent_ads",
+                                                     "n_recent_contents", "event_timestamp"]]
 
 
 def _write_sources(repo: Path, data_dir: str | Path) -> dict[str, int]:
@@ -221,11 +226,7 @@ def _online(store: FeatureStore, refs: list[str], key: str, ids: Sequence[str]) 
         return store.get_online_features(features=refs, entity_rows={key: list(ids)}).to_dict()
 
 
-def user_features(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """user_id -> {"profile": dict, "ads": [...], "contents": [...]} (oldest first); unknown users are absent."""
-    if not user_ids:
-        return {}
-    values = _online(store, PROFILE_REFS, "user_id", user_ids)
+def _profiles(user_ids: Sequence[str], values: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for user_id, profile, ads, contents in zip(user_ids, values["profile"], values["recent_ads"],
                                                values["recent_contents"]):
@@ -236,12 +237,7 @@ def user_features(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dic
     return out
 
 
-def recall_lists(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """user_id -> {"ad_ids", "scores", "model_version", "generated_at" (aware UTC datetime)}; users without a
-    list are absent. A stale list is one whose `generated_at` is older than the caller's limit."""
-    if not user_ids:
-        return {}
-    values = _online(store, RECALL_REFS, "user_id", user_ids)
+def _recall_rows(user_ids: Sequence[str], values: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for user_id, ads, scores, version, generated in zip(user_ids, values["ad_ids"], values["scores"],
                                                         values["model_version"], values["generated_at"]):
@@ -250,6 +246,47 @@ def recall_lists(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dict
         out[user_id] = {"ad_ids": list(ads), "scores": list(scores or []), "model_version": version,
                         "generated_at": generated}  # Feast returns an aware UTC datetime (whole seconds)
     return out
+
+
+def user_features(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """user_id -> {"profile": dict, "ads": [...], "contents": [...]} (oldest first); unknown users are absent."""
+    return _profiles(user_ids, _online(store, PROFILE_REFS, "user_id", user_ids)) if user_ids else {}
+
+
+def recall_lists(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """user_id -> {"ad_ids", "scores", "model_version", "generated_at" (aware UTC datetime)}; users without a
+    list are absent. A stale list is one whose `generated_at` is older than the caller's limit."""
+    return _recall_rows(user_ids, _online(store, RECALL_REFS, "user_id", user_ids)) if user_ids else {}
+
+
+def reads_async(store: FeatureStore) -> bool:
+    """Whether the online store has its own asyncio client (Redis does; SQLite, a local file, does not)."""
+    from feast.infra.online_stores.online_store import OnlineStore
+
+    online = store._get_provider().online_store
+    return type(online).online_read_async is not OnlineStore.online_read_async
+
+
+async def recall_view(store: FeatureStore, user_ids: Sequence[str], use_async: bool
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The recall service's one online read: `recall_lists` of `user_ids`, and per known user {"profile",
+    "n_ads", "n_contents"} (the behaviour lists' lengths, not the lists). Made on the caller's event loop: through
+    the store's asyncio client when `use_async` (a network store), else in place (a local SQLite read takes a
+    fraction of a millisecond, less than handing it to a thread and back under the GIL)."""
+    if not user_ids:
+        return {}, {}
+    refs, rows = RECALL_REFS + PROFILE_SUMMARY_REFS, {"user_id": list(user_ids)}
+    with _online_store():
+        if use_async:
+            values = (await store.get_online_features_async(features=refs, entity_rows=rows)).to_dict()
+        else:
+            values = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+    summaries = {u: {"profile": json.loads(profile) if profile else {}, "n_ads": int(n_ads or 0),
+                     "n_contents": int(n_contents or 0)}
+                 for u, profile, n_ads, n_contents in zip(user_ids, values["profile"], values["n_recent_ads"],
+                                                          values["n_recent_contents"])
+                 if profile is not None or n_ads is not None}
+    return _recall_rows(user_ids, values), summaries
 
 
 def push_recall_lists(store: FeatureStore, rows: list[dict[str, Any]]) -> None:

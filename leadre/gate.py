@@ -13,7 +13,7 @@ An evaluation directory holds `metrics.json`, the per-user values behind it (`pe
         "data": "<sha256>",           # content of the data directory (ads, events, ...)
         "sids": "<sha256>",           # content of the S-ID artifact
         "split": {"positive_actions": [...], "min_positives": 3},
-        "search": {"beam": 50, "renormalize": false},
+        "search": {"beam": 50, "renormalize": false, "dtype": "float32"},
         "users": {"<split>": {"count": 2999, "fingerprint": "<sha256 of the users and their targets>",
                               "sample": null, "seed": 0}}
       },
@@ -260,7 +260,7 @@ def check_comparable(candidate: dict[str, Any], current: dict[str, Any], policy:
         if value != protocols["current"][key]:
             hint = {"users": f"the same users of the {policy.split} split (all, or the same sample and seed)",
                     "sids": "the same S-ID artifact (or pass --allow-new-sids when the candidate brings its own)",
-                    "search": "the same beam width and scoring"}.get(key, f"the same {key}")
+                    "search": "the same beam width, scoring and precision"}.get(key, f"the same {key}")
             raise EvaluationMismatch(f"candidate and current were evaluated with different {key} "
                                      f"({value!r} vs {protocols['current'][key]!r}): evaluate both with {hint}")
 

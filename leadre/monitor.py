@@ -335,8 +335,8 @@ def reference_frames(data_dir: str | Path, category_window: int = 10) -> tuple[p
     lists = behaviour_lists(tables.events, positive_actions_of(data_dir)).set_index("user_id")
     lists = lists.reindex(tables.users["user_id"])  # users without events: NaN, i.e. empty lists
     ads = [v if isinstance(v, list) else [] for v in lists["recent_ads"]]
-    users["n_ads"] = [len(v) for v in ads]
-    users["n_contents"] = [len(v) if isinstance(v, list) else 0 for v in lists["recent_contents"]]
+    users["n_ads"] = lists["n_recent_ads"].fillna(0).astype(int).to_numpy()
+    users["n_contents"] = lists["n_recent_contents"].fillna(0).astype(int).to_numpy()
     category = dict(zip(tables.ads["ad_id"], tables.ads["category"]))
     categories = pd.Series([category[a] for v in ads for a in v[-category_window:]], dtype=object)
     return users, categories, fields

@@ -101,10 +101,12 @@ def tokenize_examples(examples: Sequence[dict[str, Any]], tokenizer: PreTrainedT
 
 
 def validation_recall(recaller: LLMRecaller, examples: Sequence[dict[str, Any]], beam: int) -> dict[str, float]:
-    """Recall@K and NDCG@K (seen kept) of constrained decoding on validation next-ad examples; K up to the beam
-    width, and at least 10 (the checkpoint-selection metric)."""
+    """Recall@K and NDCG@K of constrained decoding on validation next-ad examples, with each user's seen ads
+    excluded inside the search (the evaluation's headline protocol); K up to the beam width, and at least 10 (the
+    checkpoint-selection metric)."""
     top_n = max(beam, 10)
-    ranked = recaller.recall([e["prompt"] for e in examples], top_n=top_n, beam_width=top_n)
+    ranked = recaller.recall([e["prompt"] for e in examples], top_n=top_n, beam_width=top_n,
+                             exclude=[set(e["seen"]) for e in examples])
     ranks = np.array([next((i for i, (ad, _) in enumerate(r) if ad == e["target"]), -1) for r, e in zip(ranked, examples)])
     ks = [k for k in KS if k <= top_n]
     return {f"recall@{k}": recall_at(ranks, k) for k in ks} | {f"ndcg@{k}": ndcg_at(ranks, k) for k in ks}

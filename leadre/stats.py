@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from leadre.schema import Tables
-from leadre.split import leave_one_out
+from leadre.split import SplitSettings, leave_one_out
 
 
 def _distribution(values: np.ndarray) -> dict[str, float]:
@@ -18,8 +18,9 @@ def _distribution(values: np.ndarray) -> dict[str, float]:
             **{k: float(v) for k, v in zip(("min", "p25", "median", "p75", "p90", "p99", "max"), q)}}
 
 
-def data_stats(tables: Tables, positive_actions: list[str], top: int = 10) -> dict[str, Any]:
-    split = leave_one_out(tables.events, positive_actions)
+def data_stats(tables: Tables, settings: SplitSettings, top: int = 10) -> dict[str, Any]:
+    """Counts and distributions; `evaluated_users` under the split the data step recorded (`settings`)."""
+    split = leave_one_out(tables.events, settings.positive_actions, settings.min_positives)
     ev = split.events
     pos = ev[ev["positive"]]
     n_users, n_ads = len(tables.users), len(tables.ads)

@@ -14,7 +14,7 @@ from leadre.artifacts import ArtifactError, read_manifest
 from leadre.cli import main
 from leadre.loaders import load_interactions, load_movielens
 from leadre.schema import DataError, Tables, normalize, read_data_dir, write_data_dir
-from leadre.split import leave_one_out
+from leadre.split import SplitSettings, leave_one_out
 from leadre.stats import data_stats
 from leadre.synth import SynthConfig, generate
 
@@ -287,12 +287,18 @@ def test_interactions_errors_name_the_problem(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_stats(tiny_tables: Tables) -> None:
-    stats = data_stats(tiny_tables, ["click", "conversion"])
+    stats = data_stats(tiny_tables, SplitSettings(("click", "conversion")))
     counts = stats["counts"]
     assert counts["users"] == 300 and counts["events"] == len(tiny_tables.events)
     assert counts["ad_events"] + counts["content_events"] == counts["events"]
     assert 0 < stats["sparsity"] < 1 and stats["positives_per_user"]["n"] == 300
     assert abs(sum(stats["category_mix"]["catalogue"].values()) - 1) < 0.5
+    # evaluated users follow the recorded split's min_positives
+    counted = {m: data_stats(tiny_tables, SplitSettings(("click", "conversion"), m))["counts"]["evaluated_users"]
+               for m in (2, 8)}
+    assert counted == {m: int((leave_one_out(tiny_tables.events, ["click", "conversion"], m).users["test_pos"] >= 0).sum())
+                       for m in (2, 8)}
+    assert counted[8] < counted[2]
 
 
 def test_cli_synth_validate_stats(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

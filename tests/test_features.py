@@ -3,6 +3,7 @@ writes the predictors make, on the SQLite online store and on a real redis-serve
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 from pathlib import Path
@@ -85,6 +86,12 @@ def check_store(store, tables: Tables, data_dir: Path) -> None:
     assert (first["ad_ids"], first["scores"], first["model_version"]) == (["ad001", "ad002"], [-0.5, -1.5], "sft-abc")
     assert abs(first["generated_at"] - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=5)
     assert lists[users[1]]["generated_at"] == generated  # a stale list is recognisable
+    # The recall service's one read: the same answers, on the event loop (Redis through its asyncio client).
+    production = store.config.online_store.type == "redis"
+    assert features.reads_async(store) == production
+    view = asyncio.run(features.recall_view(store, users[:3] + ["nobody"], production))
+    assert view == (lists, {u: {"profile": got[u]["profile"], "n_ads": len(got[u]["ads"]),
+                                "n_contents": len(got[u]["contents"])} for u in users[:3]})
 
     ranking = store.get_online_features(features=store.get_feature_service("ranking_service"),
                                         entity_rows=[{"user_id": users[0]}]).to_dict()
@@ -121,6 +128,7 @@ def test_behaviour_lists_are_capped_and_oldest_first():
     })
     row = features.behaviour_lists(events, ["click", "conversion"], max_items=1).iloc[0]
     assert row["recent_ads"] == ["a3"] and row["recent_contents"] == ["c1"]
+    assert (row["n_recent_ads"], row["n_recent_contents"]) == (1, 1)
     row = features.behaviour_lists(events, ["click", "conversion"]).iloc[0]
     assert row["recent_ads"] == ["a1", "a3"]  # the conversion repeats the click; a2 was only viewed
     assert row["event_timestamp"] == pd.Timestamp(3, unit="s", tz="UTC")

@@ -15,7 +15,7 @@ from leadre.metrics import VARIANTS
 
 N_USERS = 1000
 PROTOCOL = {"data": "d" * 64, "sids": "s" * 64, "split": {"positive_actions": ["click"], "min_positives": 3},
-            "search": {"beam": 50, "renormalize": False},
+            "search": {"beam": 50, "renormalize": False, "dtype": "float32"},
             "users": {split: {"count": N_USERS, "fingerprint": "u" * 64, "sample": None, "seed": 0}
                       for split in ("validation", "test")}}
 
@@ -102,7 +102,8 @@ def test_policy_selects_split_variant_and_metric() -> None:
 
 @pytest.mark.parametrize("key, value", [
     ("data", "e" * 64), ("sids", "t" * 64), ("split", {"positive_actions": ["click"], "min_positives": 4}),
-    ("search", {"beam": 20, "renormalize": False}),
+    ("search", {"beam": 20, "renormalize": False, "dtype": "float32"}),
+    ("search", {"beam": 50, "renormalize": False, "dtype": "bfloat16"}),
     ("users", {"count": N_USERS, "fingerprint": "v" * 64, "sample": 1000, "seed": 1}),
 ])
 def test_mismatched_evaluations_are_refused(key: str, value) -> None:
