@@ -171,7 +171,7 @@ def bench_recall(args: argparse.Namespace, work: Path, store: str, users: list[s
         publish_lists(nearline, users)
     finally:
         nearline.stop()
-    recall = ServerProcess("recall", common + ["--log-dir", str(work / f"requests-{store}"), "--data", str(args.data)],
+    recall = ServerProcess("recall", common + ["--log-dir", str(work / f"requests-{store}")],  # fallback: the bundle's
                            work / f"recall-{store}.log", env=env).start()
     rng = random.Random(0)
     rows = []

@@ -1,7 +1,8 @@
 """The recall bundle: the one directory serving, the pipeline and the demo load (DESIGN §4, step 8).
 
 A bundle holds the promoted model, its S-ID artifact, the prompt settings the model was trained with, the ad
-catalogue snapshot (ads with text, eCPM and status; contents) and, optionally, a compiled backend. Its manifest
+catalogue snapshot (ads with text, eCPM and status; contents), the recall service's fallback ranking (segment
+popularity, `SegmentPopularity`) and, optionally, a compiled backend. Its manifest
 names every file by its SHA-256 and the model by a version derived from its weights, never by a path, so a
 bundle copied to another machine or pod loads as it is and a damaged copy is refused.
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 STEP = "bundle"
 MODEL, SIDS, COMPILED = "model", "sids", "compiled"
-ADS, CONTENTS = "ads.parquet", "contents.parquet"
+ADS, CONTENTS, POPULARITY = "ads.parquet", "contents.parquet", "popularity.parquet"
 CATALOGUE_COLUMNS = ("ad_id", "title", "description", "category", "advertiser", "ecpm", "active")
 
 
@@ -61,8 +62,9 @@ def model_version(model_dir: str | Path, stage: str) -> str:
 
 
 def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Path, out: str | Path,
-                 compiled_dir: str | Path | None = None) -> dict[str, Any]:
-    """`leadre bundle`: copy the model, S-IDs, catalogue snapshot (and compiled backend) into one artifact."""
+                 compiled_dir: str | Path | None = None, segment_fields: Sequence[str] = ()) -> dict[str, Any]:
+    """`leadre bundle`: copy the model, S-IDs, catalogue snapshot (and compiled backend) into one artifact, with
+    the recall service's fallback: segment popularity by `segment_fields` (default: the first profile field)."""
     from leadre.model import METADATA, _require_safetensors
 
     model_dir, sids_dir = Path(model_dir), Path(sids_dir)
@@ -81,6 +83,9 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
     if missing:
         raise ArtifactError(f"{len(missing)} ads of {data_dir} have no S-ID in {sids_dir} (e.g. {missing[:3]}); "
                             "run `leadre sids assign` for new ads first")
+    profile_fields = [c for c in tables.users.columns if c != "user_id"]
+    segment_fields = list(segment_fields) or profile_fields[:1]
+    shares = segment_shares(tables.users, tables.events, split.positive_actions, segment_fields, tables.ads)
     stage = metadata.get("stage", "model")
     version = model_version(model_dir, stage)
     if compiled_dir is not None:
@@ -95,6 +100,7 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
             shutil.copytree(compiled_dir, tmp / COMPILED)
         tables.ads[list(CATALOGUE_COLUMNS)].to_parquet(tmp / ADS, index=False)
         tables.contents[["content_id", "title", "category"]].to_parquet(tmp / CONTENTS, index=False)
+        shares.to_parquet(tmp / POPULARITY, index=False)
         manifest.update({
             "model_version": version,
             "stage": stage,
@@ -102,7 +108,8 @@ def build_bundle(model_dir: str | Path, sids_dir: str | Path, data_dir: str | Pa
             "prompt_config": metadata.get("prompt_config", {}),
             "positive_actions": list(split.positive_actions),
             "split": split.as_dict(),
-            "profile_fields": [c for c in tables.users.columns if c != "user_id"],
+            "profile_fields": profile_fields,
+            "segment_fields": segment_fields,
             "compiled": compiled_dir is not None,
             "files": _file_hashes(tmp),
             "counts": {"ads": len(tables.ads), "active_ads": int(tables.ads["active"].sum()),
@@ -143,6 +150,82 @@ def history_from_events(user_id: str, profile: dict[str, Any], events: pd.DataFr
 
 
 @dataclass(frozen=True)
+class SegmentPopularity:
+    """The recall service's fallback ranking: per segment (the values of the `fields` profile fields), ads by their
+    share of positive interactions in that segment, then the ads it never engaged with by eCPM. Users of an unknown
+    segment get the overall ranking. A bundle stores the shares (`POPULARITY`); the tails come from its catalogue."""
+
+    fields: tuple[str, ...]
+    by_segment: dict[tuple[str, ...], list[tuple[str, float]]]
+    overall: list[tuple[str, float]]
+
+    @classmethod
+    def from_catalogue(cls, ads: pd.DataFrame) -> SegmentPopularity:
+        """Without interactions: one ranking by eCPM (score: eCPM over the highest eCPM)."""
+        ranked = ads.sort_values(["ecpm", "ad_id"], ascending=[False, True])
+        top = float(ranked["ecpm"].max()) or 1.0
+        return cls((), {}, [(a, float(e) / top) for a, e in zip(ranked["ad_id"], ranked["ecpm"])])
+
+    @classmethod
+    def from_data(cls, users: pd.DataFrame, events: pd.DataFrame, positive_actions: Iterable[str],
+                  fields: Sequence[str], ads: pd.DataFrame) -> SegmentPopularity:
+        """From a data directory's users and events, over the catalogue `ads`."""
+        return cls.from_shares(fields, segment_shares(users, events, positive_actions, fields, ads), ads)
+
+    @classmethod
+    def from_shares(cls, fields: Sequence[str], shares: pd.DataFrame, ads: pd.DataFrame) -> SegmentPopularity:
+        """From `segment_shares`' frame (as a bundle stores it) over the catalogue `ads`."""
+        tail = cls.from_catalogue(ads).overall
+        rankings: dict[tuple[str, ...], list[tuple[str, float]]] = {}
+        for segment, ad, share in zip(shares["segment"], shares["ad_id"], shares["share"]):
+            rankings.setdefault(tuple(segment), []).append((ad, float(share)))
+        for key, seen in rankings.items():
+            known = {a for a, _ in seen}
+            rankings[key] = seen + [(a, 0.0) for a, _ in tail if a not in known]
+        overall = rankings.pop((), tail)
+        return cls(tuple(fields), rankings, overall)
+
+    def segment(self, profile: dict[str, Any] | None) -> tuple[str, ...] | None:
+        if not self.fields or not profile or any(f not in profile for f in self.fields):
+            return None
+        return tuple(str(profile[f]) for f in self.fields)
+
+    def top(self, profile: dict[str, Any] | None, k: int, active: frozenset[str] | set[str],
+            exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+        """The `k` best active ads for the user's segment, not in `exclude`."""
+        ranking = self.by_segment.get(self.segment(profile), self.overall)
+        skip = set(exclude)
+        out = []
+        for ad, score in ranking:
+            if ad in active and ad not in skip:
+                out.append((ad, score))
+                if len(out) == k:
+                    break
+        return out
+
+
+def segment_shares(users: pd.DataFrame, events: pd.DataFrame, positive_actions: Iterable[str], fields: Sequence[str],
+                   ads: pd.DataFrame) -> pd.DataFrame:
+    """Per segment (`segment`: the list of the users' `fields` values as strings; [] for everyone), the ads of
+    `ads` with positive interactions and their `share` of the segment's, best first (ties by ad id)."""
+    fields = list(fields)
+    missing = sorted(set(fields) - set(users.columns))
+    if missing:
+        raise ValueError(f"segment fields {missing} are not profile fields (known: {list(users.columns[1:])})")
+    positive = events[(events["item_type"] == "ad") & events["action"].isin(list(positive_actions))]
+    positive = positive[positive["item_id"].isin(set(ads["ad_id"]))]
+    joined = positive[["user_id", "item_id"]].merge(users[["user_id", *fields]], on="user_id")
+    groups = [((), joined)] + ([(k if isinstance(k, tuple) else (k,), g) for k, g in joined.groupby(fields)]
+                               if fields else [])
+    frames = []
+    for key, group in groups:
+        counts = group["item_id"].value_counts().sort_index().sort_values(ascending=False, kind="stable")
+        frames.append(pd.DataFrame({"segment": [[str(v) for v in key]] * len(counts), "ad_id": counts.index,
+                                    "share": (counts / counts.sum()).to_numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
 class RecallBundle:
     """A loaded bundle. Frozen: `with_status` returns a new one sharing the model, so a server swaps one
     reference and a search in flight keeps the trie and catalogue it started with."""
@@ -155,6 +238,7 @@ class RecallBundle:
     sids: SidTable
     ads: pd.DataFrame  # indexed by ad_id: title, description, category, advertiser, ecpm, active
     contents: pd.DataFrame  # content_id, title, category
+    popularity: SegmentPopularity  # the fallback ranking (by eCPM for a bundle built before it stored one)
 
     @property
     def model_version(self) -> str:
@@ -178,8 +262,11 @@ class RecallBundle:
         compiled = path / COMPILED if (path / COMPILED).is_dir() else None
         recaller = LLMRecaller.from_dir(path / MODEL, sids, active, batch_size=batch_size, device=device,
                                         backend=backend, compiled_dir=compiled)
+        popularity = (SegmentPopularity.from_shares(manifest["segment_fields"], pd.read_parquet(path / POPULARITY), ads)
+                      if (path / POPULARITY).is_file() else SegmentPopularity.from_catalogue(ads))
         return cls(path, manifest, recaller, PromptConfig(**manifest["prompt_config"]),
-                   PromptCatalogue.build(ads, contents, sids), sids, ads.set_index("ad_id", drop=False), contents)
+                   PromptCatalogue.build(ads, contents, sids), sids, ads.set_index("ad_id", drop=False), contents,
+                   popularity)
 
     def history(self, user_id: str, profile: dict[str, Any], events: pd.DataFrame) -> tuple[UserHistory, int]:
         """`history_from_events` against this bundle's catalogue."""

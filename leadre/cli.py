@@ -185,10 +185,11 @@ def _compile(args: argparse.Namespace) -> None:
 def _bundle(args: argparse.Namespace) -> None:
     from leadre.bundle import build_bundle
 
-    manifest = build_bundle(args.model, args.sids, args.data, args.out, args.compiled)
+    manifest = build_bundle(args.model, args.sids, args.data, args.out, args.compiled, args.segment_fields)
     counts = manifest["counts"]
     print(f"wrote {args.out}: model {manifest['model_version']}, {counts['ads']:,} ads ({counts['active_ads']:,} active), "
-          f"{counts['contents']:,} contents, compiled backend: {'yes' if manifest['compiled'] else 'no'}")
+          f"{counts['contents']:,} contents, fallback by {manifest['segment_fields']}, "
+          f"compiled backend: {'yes' if manifest['compiled'] else 'no'}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -554,14 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compile)
 
     p = commands.add_parser("bundle", help="the deployable unit: model, S-IDs, prompt settings, catalogue snapshot",
-                            description="Copy the promoted model, its S-ID artifact, the ad and content catalogue "
-                                        "and optionally a compiled backend into one self-describing directory that "
+                            description="Copy the promoted model, its S-ID artifact, the ad and content catalogue, "
+                                        "the fallback ranking and optionally a compiled backend into one self-describing directory that "
                                         "serving loads. Files are named by SHA-256 in the manifest, never by path.")
     p.add_argument("--model", type=Path, required=True, help="model directory (`train sft` or `train dpo`)")
     p.add_argument("--sids", type=Path, required=True, help="S-ID artifact the model was trained with (or a later "
                                                               "`sids assign` of it)")
     p.add_argument("--data", type=Path, required=True, help="data directory: the ad catalogue snapshot and status")
     p.add_argument("--compiled", type=Path, default=None, help="compiled backend from `leadre compile` (optional)")
+    p.add_argument("--segment-fields", nargs="+", default=(), metavar="FIELD",
+                   help="profile fields whose values make a segment of the recall service's fallback ranking "
+                        "(segment popularity; default: the first profile field)")
     p.add_argument("--out", type=Path, required=True, help="output bundle directory")
     p.set_defaults(func=_bundle)
 
@@ -576,8 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", type=Path, default=None, help="write the JSONL request log here (drift monitoring)")
     p.add_argument("--nearline-url", default=None, help="recall only: near-line service base URL that missing and "
                                                         "stale users are sent to for a refresh")
-    p.add_argument("--data", type=Path, default=None, help="recall only: training data directory for the segment "
-                                                          "popularity fallback (default: ads by eCPM)")
+    p.add_argument("--data", type=Path, default=None, help="recall only: training data directory, to recount the "
+                                                          "segment-popularity fallback for `segment_fields` other "
+                                                          "than the bundle's (default: the bundle's own)")
     p.add_argument("--config", type=Path, default=None, help="YAML config with a `serving` section")
     p.add_argument("--device", default=None, help=device_help + " (default: auto for nearline; cpu for recall, which "
                                                                  "never runs the model)")

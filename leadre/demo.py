@@ -83,7 +83,7 @@ class Services:
     nearline: Any
 
 
-def _start_services(stack: ExitStack, bundle: Path, repo: Path, data: Path, out: Path) -> Services:
+def _start_services(stack: ExitStack, bundle: Path, repo: Path, out: Path) -> Services:
     from leadre.serving import ServerProcess
 
     (out / "servers").mkdir()
@@ -91,8 +91,7 @@ def _start_services(stack: ExitStack, bundle: Path, repo: Path, data: Path, out:
     nearline = ServerProcess("nearline", common, out / "servers" / "nearline.log")
     stack.callback(nearline.stop)
     nearline.start()
-    recall = ServerProcess("recall", common + ["--nearline-url", nearline.url, "--data", str(data)],
-                           out / "servers" / "recall.log")
+    recall = ServerProcess("recall", common + ["--nearline-url", nearline.url], out / "servers" / "recall.log")
     stack.callback(recall.stop)
     recall.start()
     return Services(recall, nearline)
@@ -185,7 +184,7 @@ def run_demo(out: Path, users: int = 2000, seed: int = 0, config: Path = DEMO_CO
     user_ids = tables.users["user_id"].tolist()
     with ExitStack() as stack:
         t = time.perf_counter()
-        services = _start_services(stack, bundle, repo, data, out)
+        services = _start_services(stack, bundle, repo, out)
         _line("serve", f"recall at {services.recall.url}, nearline at {services.nearline.url}", t)
         store = open_store(repo)
         _requests(services, store, user_ids, titles)

@@ -36,7 +36,7 @@ from leadre import features
 from leadre.bundle import RecallBundle
 from leadre.serving import (
     LLM, MISSING, STALE, Batcher, Query, RefreshQueue, RequestError, ServingSettings, Snapshot, Tensor,
-    history_from_features, load_popularity, log_record, parse_v1, parse_v2, recall_answer, segment_fields,
+    history_from_features, load_popularity, log_record, parse_v1, parse_v2, recall_answer,
     status_changes,
 )
 
@@ -89,8 +89,8 @@ class Predictor(kserve.Model):
         return RecallBundle.load(path, device=self.device, backend=self.backend)
 
     def _snapshot_of(self, bundle: RecallBundle) -> Snapshot:
-        fields = segment_fields(bundle, self.settings.segment_fields)
-        return self._apply_status(Snapshot.build(bundle, load_popularity(bundle, self.data_dir, fields)))
+        return self._apply_status(Snapshot.build(bundle, load_popularity(bundle, self.data_dir,
+                                                                         self.settings.segment_fields)))
 
     def _apply_status(self, snapshot: Snapshot) -> Snapshot:
         """`snapshot` with the feature store's current ad status (unchanged when the store is unavailable)."""

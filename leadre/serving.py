@@ -7,10 +7,9 @@ a server. Nothing here imports kserve (its import parses `sys.argv`).
 - A *snapshot* is what a request reads: the bundle plus lookup tables derived from its catalogue (active ads,
   titles, categories) and the fallback popularity. Ad status changes and bundle reloads build a new snapshot and
   swap one reference, so a request in flight keeps the catalogue it started with.
-- The fallback ranks ads by their share of positive interactions within the user's *segment*: the values of the
-  `segment_fields` profile fields (default: the bundle's first profile field, e.g. `age_bucket`). Users of an
-  unknown segment, and ads a segment never saw, fall back to the overall ranking; without training data the
-  ranking is by eCPM.
+- The fallback ranks ads by their share of positive interactions within the user's *segment*
+  (`leadre.bundle.SegmentPopularity`): the bundle carries it, by the segment fields it was built with (default: the
+  first profile field, e.g. `age_bucket`); serving with other `segment_fields` recomputes it from `--data`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from leadre.bundle import RecallBundle
+from leadre.bundle import RecallBundle, SegmentPopularity
 from leadre.prompts import UserHistory
 from leadre.sid import SidTable
 
@@ -49,7 +48,7 @@ class ServingSettings:
     max_body_bytes: int = 1 << 20
     max_age_s: float = 86400.0  # a recall list older than this is stale
     status_poll_s: float = 5.0  # how often ad status is read from the feature store (0: never)
-    segment_fields: tuple[str, ...] = ()  # profile fields of a fallback segment (default: the first profile field)
+    segment_fields: tuple[str, ...] = ()  # profile fields of a fallback segment (default: the bundle's)
     list_length: int = 50  # ads per recall list the near-line side computes and publishes
     beam_width: int | None = None  # near-line beam width (default: the list length)
     max_batch: int = 32  # users per near-line model call
@@ -177,78 +176,17 @@ def parse_v2(inputs: Sequence[Tensor], default_k: int, max_k: int, max_users: in
 
 
 @dataclass(frozen=True)
-class Popularity:
-    """Fallback ranking: per segment (a tuple of profile values), ads by share of positive interactions."""
-
-    fields: tuple[str, ...]
-    by_segment: dict[tuple[str, ...], list[tuple[str, float]]]
-    overall: list[tuple[str, float]]
-
-    @classmethod
-    def from_catalogue(cls, ads: pd.DataFrame) -> Popularity:
-        """Without training data: one ranking by eCPM (score: eCPM over the highest eCPM)."""
-        ranked = ads.sort_values(["ecpm", "ad_id"], ascending=[False, True])
-        top = float(ranked["ecpm"].max()) or 1.0
-        return cls((), {}, [(a, float(e) / top) for a, e in zip(ranked["ad_id"], ranked["ecpm"])])
-
-    @classmethod
-    def from_data(cls, users: pd.DataFrame, events: pd.DataFrame, positive_actions: Iterable[str],
-                  fields: Sequence[str], ads: pd.DataFrame) -> Popularity:
-        """From a data directory's users and events; ads nobody engaged with follow by eCPM."""
-        fields = tuple(fields)
-        missing = sorted(set(fields) - set(users.columns))
-        if missing:
-            raise ValueError(f"segment fields {missing} are not profile fields (known: {list(users.columns[1:])})")
-        positive = events[(events["item_type"] == "ad") & events["action"].isin(list(positive_actions))]
-        positive = positive[positive["item_id"].isin(set(ads["ad_id"]))]
-        tail = cls.from_catalogue(ads).overall
-
-        def ranking(counts: pd.Series) -> list[tuple[str, float]]:
-            counts = counts.sort_index().sort_values(ascending=False, kind="stable")
-            total = float(counts.sum())
-            seen = [(a, c / total) for a, c in counts.items()]
-            known = set(counts.index)
-            return seen + [(a, 0.0) for a, _ in tail if a not in known]
-
-        overall = ranking(positive["item_id"].value_counts())
-        joined = positive.merge(users[["user_id", *fields]], on="user_id")
-        by_segment = {}
-        for key, group in joined.groupby(list(fields)):
-            key = key if isinstance(key, tuple) else (key,)
-            by_segment[tuple(str(v) for v in key)] = ranking(group["item_id"].value_counts())
-        return cls(fields, by_segment, overall)
-
-    def segment(self, profile: dict[str, Any] | None) -> tuple[str, ...] | None:
-        if not self.fields or not profile or any(f not in profile for f in self.fields):
-            return None
-        return tuple(str(profile[f]) for f in self.fields)
-
-    def top(self, profile: dict[str, Any] | None, k: int, active: frozenset[str] | set[str],
-            exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
-        """The `k` best active ads for the user's segment, not in `exclude`."""
-        ranking = self.by_segment.get(self.segment(profile), self.overall)
-        skip = set(exclude)
-        out = []
-        for ad, score in ranking:
-            if ad in active and ad not in skip:
-                out.append((ad, score))
-                if len(out) == k:
-                    break
-        return out
-
-
-@dataclass(frozen=True)
 class Snapshot:
     """What one request reads; replaced as a whole (one reference assignment) on a status change or reload."""
 
     bundle: RecallBundle
-    popularity: Popularity
+    popularity: SegmentPopularity
     active: frozenset[str]
     titles: dict[str, str]
     categories: dict[str, str]
 
     @classmethod
-    def build(cls, bundle: RecallBundle, popularity: Popularity) -> Snapshot:
+    def build(cls, bundle: RecallBundle, popularity: SegmentPopularity) -> Snapshot:
         ads = bundle.ads
         return cls(bundle, popularity, frozenset(ads.index[ads["active"].astype(bool)]),
                    dict(zip(ads["ad_id"], ads["title"])), dict(zip(ads["ad_id"], ads["category"])))
@@ -261,20 +199,22 @@ class Snapshot:
         return Snapshot.build(self.bundle.with_status(ads, sids), self.popularity)
 
 
-def segment_fields(bundle: RecallBundle, configured: Sequence[str]) -> tuple[str, ...]:
-    """The configured segment fields, else the bundle's first profile field."""
-    return tuple(configured) or tuple(bundle.manifest.get("profile_fields", [])[:1])
-
-
-def load_popularity(bundle: RecallBundle, data_dir: str | Path | None, fields: Sequence[str]) -> Popularity:
-    """Segment popularity from the training data directory, or the eCPM ranking without one."""
+def load_popularity(bundle: RecallBundle, data_dir: str | Path | None, configured: Sequence[str]) -> SegmentPopularity:
+    """The fallback: the bundle's own; recounted from the training data directory when one is given (required for
+    `configured` segment fields other than the bundle's)."""
     if data_dir is None:
-        return Popularity.from_catalogue(bundle.ads.reset_index(drop=True))
+        if configured and tuple(configured) != bundle.popularity.fields:
+            raise ValueError(f"segment fields {list(configured)}: the bundle's fallback is by "
+                             f"{list(bundle.popularity.fields)}; serve with --data DIR to recount it, or configure "
+                             "the bundle's fields")
+        return bundle.popularity
     from leadre.schema import read_data_dir
 
+    # a bundle built before it carried its fallback: the first profile field, as `leadre bundle` defaults to
+    fields = tuple(configured) or bundle.popularity.fields or tuple(bundle.manifest.get("profile_fields", [])[:1])
     tables = read_data_dir(data_dir, validate=False)
-    return Popularity.from_data(tables.users, tables.events, bundle.positive_actions, fields,
-                                bundle.ads.reset_index(drop=True))
+    return SegmentPopularity.from_data(tables.users, tables.events, bundle.positive_actions, fields,
+                                       bundle.ads.reset_index(drop=True))
 
 
 def status_changes(bundle: RecallBundle, status: dict[str, dict[str, Any]]) -> pd.DataFrame | None:

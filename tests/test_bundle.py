@@ -13,6 +13,7 @@ from leadre.artifacts import ArtifactError
 from leadre.bundle import RecallBundle, build_bundle, history_from_events
 from leadre.cli import main
 from leadre.prompts import UserHistory
+from leadre.serving import load_popularity
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,16 @@ def test_bundle_holds_everything_serving_needs_named_by_content(tiny_bundle_dir:
     ads = pd.read_parquet(tiny_data_dir / "ads.parquet")
     assert manifest["counts"] == {"ads": len(ads), "active_ads": int(ads["active"].sum()),
                                   "contents": len(pd.read_parquet(tiny_data_dir / "contents.parquet"))}
+    # the recall service's fallback travels with the bundle: segment popularity by the first profile field
+    users = pd.read_parquet(tiny_data_dir / "users.parquet")
+    assert manifest["segment_fields"] == [users.columns[1]] and "popularity.parquet" in manifest["files"]
+    bundle = RecallBundle.load(tiny_bundle_dir)
+    assert load_popularity(bundle, None, ()) is bundle.popularity and bundle.popularity.by_segment
+    assert load_popularity(bundle, tiny_data_dir, ()) == bundle.popularity  # recomputed from the data: the same
+    other = (users.columns[2],)
+    with pytest.raises(ValueError, match=rf"segment fields \['{other[0]}'\]: the bundle's fallback is by"):
+        load_popularity(bundle, None, other)
+    assert load_popularity(bundle, tiny_data_dir, other).fields == other
     # no stored absolute path is needed to load it: only the recorded inputs mention the source folders
     loading_fields = {k: v for k, v in manifest.items() if k not in ("inputs", "created_at")}
     assert str(tiny_data_dir.parent) not in json.dumps(loading_fields)

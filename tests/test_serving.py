@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 
 from leadre import features
+from leadre.bundle import SegmentPopularity, segment_shares
 from leadre.serving import (
-    Batcher, Popularity, Query, RefreshQueue, RequestError, ServerProcess, Snapshot, Tensor, parse_v1, parse_v2,
+    Batcher, Query, RefreshQueue, RequestError, ServerProcess, Snapshot, Tensor, parse_v1, parse_v2,
     recall_answer,
 )
 
@@ -71,30 +72,35 @@ def test_v1_and_v2_parse():
         assert e.value.field == field
 
 
-def _fake_snapshot(active: set[str], popularity: Popularity) -> Snapshot:
+def _fake_snapshot(active: set[str], popularity: SegmentPopularity) -> Snapshot:
     ads = sorted({a for a, _ in popularity.overall} | active)
     return Snapshot(SimpleNamespace(model_version="sft-1"), popularity, frozenset(active), {a: a.upper() for a in ads},
                     {a: "cat" for a in ads})
 
 
-def test_segment_fallback_ranks_by_segment_and_skips_inactive():
+def test_segment_fallback_ranks_by_segment_and_skips_inactive(tmp_path: Path):
     users = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "age": ["18-24", "18-24", "55+"]})
     events = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u3", "u3", "u3"],
                            "item_id": ["a1", "a2", "a1", "a3", "a3", "c1"],
                            "item_type": ["ad", "ad", "ad", "ad", "ad", "content"],
                            "action": ["click", "click", "click", "click", "view", "view"]})
     ads = pd.DataFrame({"ad_id": ["a1", "a2", "a3", "a4"], "ecpm": [1.0, 2.0, 3.0, 9.0]})
-    pop = Popularity.from_data(users, events, ["click"], ["age"], ads)
+    pop = SegmentPopularity.from_data(users, events, ["click"], ["age"], ads)
     active = {"a1", "a2", "a3", "a4"}
     assert [a for a, _ in pop.top({"age": "18-24"}, 4, active)] == ["a1", "a2", "a4", "a3"]  # unseen: by eCPM
     assert [a for a, _ in pop.top({"age": "55+"}, 2, active)] == ["a3", "a4"]
     assert [a for a, _ in pop.top({"age": "18-24"}, 2, active - {"a1"})] == ["a2", "a4"]
     assert [a for a, _ in pop.top(None, 2, active, exclude={"a1"})] == ["a2", "a3"]  # overall: a1 2, a2 1, a3 1
-    assert [a for a, _ in Popularity.from_catalogue(ads).top({}, 2, active)] == ["a4", "a3"]
+    assert [a for a, _ in SegmentPopularity.from_catalogue(ads).top({}, 2, active)] == ["a4", "a3"]
+    # the form a bundle stores: seen ads and shares only; the same rankings come back over the catalogue
+    shares = segment_shares(users, events, ["click"], ["age"], ads)
+    assert len(shares) == 3 + 2 + 1 and sorted(map(tuple, shares["segment"].drop_duplicates())) == [(), ("18-24",), ("55+",)]
+    shares.to_parquet(tmp_path / "popularity.parquet", index=False)
+    assert SegmentPopularity.from_shares(["age"], pd.read_parquet(tmp_path / "popularity.parquet"), ads) == pop
 
 
 def test_recall_answer_uses_fresh_lists_only_and_never_an_inactive_ad():
-    pop = Popularity.from_catalogue(pd.DataFrame({"ad_id": ["f1", "f2", "f3"], "ecpm": [3.0, 2.0, 1.0]}))
+    pop = SegmentPopularity.from_catalogue(pd.DataFrame({"ad_id": ["f1", "f2", "f3"], "ecpm": [3.0, 2.0, 1.0]}))
     snap = _fake_snapshot({"a1", "a3", "f1", "f2", "f3"}, pop)
     now = time.time()
     row = {"ad_ids": ["a1", "a2", "a3"], "scores": [-1.0, -2.0, -3.0], "model_version": "sft-1",
@@ -181,15 +187,15 @@ def feast_repo(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_bundle_dir: Path, tiny_data_dir: Path, feast_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+def servers(tiny_bundle_dir: Path, feast_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """`leadre serve nearline` and `leadre serve recall` (refreshing through the near-line one), started together."""
     work = tmp_path_factory.mktemp("servers")
     (work / "serving.yaml").write_text(SERVING_CONFIG)
     common = ["--bundle", str(tiny_bundle_dir), "--feature-repo", str(feast_repo),
               "--config", str(work / "serving.yaml")]
     nearline = ServerProcess("nearline", common + ["--log-dir", str(work / "logs")], work / "nearline.log")
-    recall = ServerProcess("recall", common + ["--log-dir", str(work / "logs"), "--data", str(tiny_data_dir),
-                                               "--nearline-url", nearline.url], work / "recall.log")
+    recall = ServerProcess("recall", common + ["--log-dir", str(work / "logs"), "--nearline-url", nearline.url],
+                           work / "recall.log")  # its fallback is the bundle's own
     starters = [threading.Thread(target=s.start) for s in (nearline, recall)]
     for t in starters:
         t.start()
