@@ -174,16 +174,17 @@ def bench_recall(args: argparse.Namespace, work: Path, store: str, users: list[s
     recall = ServerProcess("recall", common + ["--log-dir", str(work / f"requests-{store}")],  # fallback: the bundle's
                            work / f"recall-{store}.log", env=env).start()
     rng = random.Random(0)
+
+    def requests(n: int) -> list[bytes]:  # one random user, k=10, per request
+        return [_request(recall.port, "/v1/models/recall:predict",
+                         {"instances": [{"user_id": rng.choice(users), "k": 10}]}) for _ in range(n)]
+
     rows = []
     try:
-        drive("open", recall.port, [_request(recall.port, "/v1/models/recall:predict",
-                                             {"instances": [{"user_id": rng.choice(users), "k": 10}]})
-                                    for _ in range(200)], 200.0)  # warm-up
+        drive("open", recall.port, requests(200), 200.0)  # warm-up
         for rate in args.rates:
             n = int(rate * args.duration)
-            requests = [_request(recall.port, "/v1/models/recall:predict",
-                                 {"instances": [{"user_id": rng.choice(users), "k": 10}]}) for _ in range(n)]
-            row = {"store": store, "rate": rate} | summary(drive("open", recall.port, requests, rate), n)
+            row = {"store": store, "rate": rate} | summary(drive("open", recall.port, requests(n), rate), n)
             rows.append(row)
             print(f"recall {store:<6} {rate:>6} req/s: p50 {row['p50_ms']:6.2f} ms  p95 {row['p95_ms']:6.2f} ms  "
                   f"p99 {row['p99_ms']:6.2f} ms  errors {row['errors']}", flush=True)

@@ -275,12 +275,13 @@ async def recall_view(store: FeatureStore, user_ids: Sequence[str], use_async: b
     fraction of a millisecond, less than handing it to a thread and back under the GIL)."""
     if not user_ids:
         return {}, {}
-    refs, rows = RECALL_REFS + PROFILE_SUMMARY_REFS, {"user_id": list(user_ids)}
-    with _online_store():
-        if use_async:
-            values = (await store.get_online_features_async(features=refs, entity_rows=rows)).to_dict()
-        else:
-            values = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+    refs = RECALL_REFS + PROFILE_SUMMARY_REFS
+    if use_async:
+        with _online_store():
+            response = await store.get_online_features_async(features=refs, entity_rows={"user_id": list(user_ids)})
+        values = response.to_dict()
+    else:
+        values = _online(store, refs, "user_id", user_ids)
     summaries = {u: {"profile": json.loads(profile) if profile else {}, "n_ads": int(n_ads or 0),
                      "n_contents": int(n_contents or 0)}
                  for u, profile, n_ads, n_contents in zip(user_ids, values["profile"], values["n_recent_ads"],
