@@ -110,7 +110,7 @@ def mask_seconds(trie: Trie, level: int, users: int, beams: int, excluded: torch
     blocked = None if excluded is None else trie.exclusion_index(excluded)
     generator = torch.Generator().manual_seed(level)
     n_rows = users * beams
-    n_nodes = len(trie.keys[level - 1]) if level else 1
+    n_nodes = len(trie.active_counts[level - 1]) if level else 1
     nodes = torch.randint(n_nodes, (n_rows,), generator=generator).to(trie.device)
     log_probs = torch.randn(n_rows, trie.level_sizes[level], generator=generator).to(trie.device)
     users = torch.arange(users, device=trie.device).repeat_interleave(beams)[:, None]

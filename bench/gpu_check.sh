@@ -36,18 +36,6 @@ source "$(dirname "$0")/gpu_setup.sh"
 export LEADRE_CACHE=$WORK/cache
 L="$PY -m leadre.cli"
 
-# step NAME TIMEOUT COMMAND...: run, time and record one step; a failed step does not stop the later ones
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local t0=$(date +%s)
-  echo "=== $name ($(date -u +%H:%M:%S))"
-  timeout "$limit" "$@"
-  local rc=$?
-  echo "$name: rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
-  return $rc
-}
-
 {
   date -u; uname -m; nproc
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

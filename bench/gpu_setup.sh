@@ -1,6 +1,6 @@
 # Sourced by the GPU scripts (gpu_check.sh, gpu_trie_check.sh): the results folder, the log, and the Python
 # packages the device image lacks, installed from the carried wheels in .whl (SKIP_WHEELS=1 on a machine that has
-# them). Expects PY and OUT; sets SUMMARY and started.
+# them), and `step`. Expects PY and OUT; sets SUMMARY and started.
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -14,3 +14,15 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+# step NAME TIMEOUT COMMAND...: run, time and record one step; a failed step does not stop the later ones
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "$name: rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+  return $rc
+}

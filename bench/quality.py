@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from leadre.config import read_config, section
+from leadre.devices import describe, resolve_device
 from leadre.dpo import DPOSettings, train_dpo
 from leadre.evaluate import evaluate
 from leadre.gate import DPO_POLICY, decide, read_evaluation
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> dict:
     for variant in args.variants:
         prompt_cfg = dataclasses.replace(section(config, "prompts", PromptConfig, str(args.config)), **VARIANTS[variant])
         build_prompts(args.data, work / "sids", work / f"prompts-{variant}", prompt_cfg)
-        settings = section(config, "sft", TrainSettings, str(args.config), max_minutes=args.minutes, seed=args.seed)
+        settings = section(config, "sft", TrainSettings, str(args.config), max_minutes=args.minutes, seed=args.seed,
+                           device=args.device)
         started = time.perf_counter()
         train_sft(work / f"prompts-{variant}", work / "sids", work / f"sft-{variant}", args.preset, settings,
                   config.get("model") or {})
@@ -67,13 +69,13 @@ def run(args: argparse.Namespace) -> dict:
     if "full" in args.variants:
         started = time.perf_counter()
         train_dpo(work / "sft-full", work / "prompts-full", args.data, work / "dpo-full",
-                  section(config, "dpo", DPOSettings, str(args.config), seed=args.seed))
+                  section(config, "dpo", DPOSettings, str(args.config), seed=args.seed, device=args.device))
         timings["dpo-full"] = time.perf_counter() - started
         models = {"full": work / "dpo-full", **models}
 
     started = time.perf_counter()
     report = evaluate(list(models.values()), args.data, work / "sids", work / "evaluation", splits=("validation", "test"),
-                      beam=args.beam, users=args.eval_users, names=list(models))
+                      beam=args.beam, users=args.eval_users, names=list(models), device=args.device)
     timings["evaluate"] = time.perf_counter() - started
     results = report["results"]
     document = read_evaluation(work / "evaluation")  # with the per-user values the gate's paired test reads
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         "dpo_gate": gate.as_dict() if gate else None,
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
+        "device": describe(resolve_device(args.device)),
     }
 
 
@@ -100,7 +103,7 @@ def table(report: dict) -> str:
     users = {s: u["count"] for s, u in report["protocol"]["users"].items()}
     lines = [f"# Quality: {report['name']} ({report['data']})", "",
              f"SFT budget {report['minutes_per_sft']} min per variant, preset {report['preset']}, beam {report['beam']}, "
-             f"{report['machine']}; users: " + ", ".join(f"{s} {n:,}" for s, n in users.items())
+             f"{report['machine']}, {report['device']}; users: " + ", ".join(f"{s} {n:,}" for s, n in users.items())
              + "; in brackets 95% confidence intervals (bootstrap over users).", "",
              head, "|---" * (len(COLUMNS) + 3) + "|"]
     for name, splits in report["results"].items():
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=None, help="evaluate a sample of users (default: all)")
     parser.add_argument("--beam", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda: training and decoding (leadre.devices)")
     parser.add_argument("--work", type=Path, default=Path("bench/results/work"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,8 +1,10 @@
 """The prefix trie of active ads' S-IDs that constrains decoding, shared by offline evaluation and serving.
 
-A node at depth d is a distinct S-ID prefix of d codes. Nodes are stored level by level as sorted integer keys
-(`parent * level_size + code`), so "which codes may follow these nodes" is one `searchsorted` over a whole batch
-of beams: memory grows with the number of ads, not with the code space.
+A node at depth d is a distinct S-ID prefix of d codes. Each level keeps a dense child table (nodes at depth d ×
+codes of level d → child node, or -1), so "which codes may follow these beams" is one row gather over a whole batch:
+on a GPU the trie costs a couple of kernel launches per level, not a search. A table has at most
+min(ads, product of the earlier level sizes) rows of one level's codes (a million ads over 256 × 256 × 256 codes
+and an 8-way collision level: about 200 MB of int64), and grows with the ads, not with the whole code space.
 
 Each node keeps the number of active ads below it; a prefix whose ads are all paused is not allowed. A `Trie` is
 never changed in place: `with_active` and `with_ads` return a new one, so serving can swap tries while a search
@@ -27,22 +29,22 @@ from leadre.sid import SidTable
 class Trie:
     level_sizes: tuple[int, ...]
     token_ids: tuple[torch.Tensor, ...]  # per level (K_l,): the vocabulary id of each code's token
-    keys: tuple[torch.Tensor, ...]  # per level (n_nodes at depth l+1,) sorted `parent * K_l + code`
-    active_counts: tuple[torch.Tensor, ...]  # per level, aligned with keys: active ads below each node
+    children: tuple[torch.Tensor, ...]  # per level (n_nodes at depth l + 1, K_l): child node index or -1; the
+    # extra last row is all -1, so node -1 (no such prefix) has no children
+    active_counts: tuple[torch.Tensor, ...]  # per level (n_nodes at depth l+1,): active ads below each node
     paths: torch.Tensor  # (N, L): ad row i's node at depth l+1
     leaf_row: torch.Tensor  # (N,): leaf node → ad row
     codes: np.ndarray  # (N, L) the S-IDs, kept so that `with_ads` can rebuild
     ad_ids: np.ndarray  # (N,) str
     active: torch.Tensor  # (N,) bool
     row_of: dict[str, int]
-    # per level, aligned with keys: the key where the node has an active ad below it, else one no lookup asks for,
-    # so "the child exists and is active" is one comparison (derived, so no copy can disagree with active_counts)
-    live_keys: tuple[torch.Tensor, ...] = field(init=False)
+    # per level, like children but -1 where no active ad lies below the child, so "the child exists and is active"
+    # is one comparison (derived, so no copy can disagree with active_counts)
+    live_children: tuple[torch.Tensor, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        never = torch.iinfo(torch.long).min  # lookups ask for keys ≥ -level size (node -1)
-        live = tuple(torch.where(c > 0, k, never) for k, c in zip(self.keys, self.active_counts))
-        object.__setattr__(self, "live_keys", live)
+        live = tuple(torch.where(c[t.clamp(min=0)] > 0, t, -1) for t, c in zip(self.children, self.active_counts))
+        object.__setattr__(self, "live_children", live)
 
     @property
     def levels(self) -> int:
@@ -58,27 +60,19 @@ class Trie:
         if device == self.device:
             return self
         per_level = {name: tuple(t.to(device) for t in getattr(self, name))
-                     for name in ("token_ids", "keys", "active_counts")}
+                     for name in ("token_ids", "children", "active_counts")}
         return replace(self, **per_level, paths=self.paths.to(device), leaf_row=self.leaf_row.to(device),
                        active=self.active.to(device))
 
     def __len__(self) -> int:
         return len(self.ad_ids)
 
-    def _lookup(self, level: int, nodes: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each (node at depth `level`, code in range): whether that child has an active ad, and its index."""
-        wanted = torch.add(codes, nodes, alpha=self.level_sizes[level])  # node * level size + code, in one operation
-        keys = self.keys[level]
-        child = torch.searchsorted(keys, wanted).clamp_(max=len(keys) - 1)
-        # node -1 makes every wanted key negative, so it matches nothing
-        return self.live_keys[level][child] == wanted, child
-
     def allowed(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For beams at `nodes` (n,) of depth `level`: the codes that lead to an active ad, (n, K_level) bool, and the
-        child node of every code, (n, K_level), meaningful only where allowed. Node -1 (no such prefix) allows nothing.
+        child node of every code, (n, K_level), -1 where not allowed. Node -1 (no such prefix) allows nothing.
         The codes' tokens are `token_ids[level]`."""
-        codes = torch.arange(self.level_sizes[level], device=self.device)
-        return self._lookup(level, nodes[:, None], codes[None, :])
+        children = self.live_children[level][nodes]
+        return children >= 0, children
 
     def exclusion_index(self, excluded: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per level, sorted keys `user * n_nodes + node` of the nodes above each user's excluded active ads, one key
@@ -90,13 +84,13 @@ class Trie:
         counted = self.active[rows]  # a new tensor: indexing copies
         counted[1:] &= keys[1:] != keys[:-1]
         return tuple(torch.sort(torch.where(counted, users * len(k) + self.paths[rows, level], -1)).values
-                     for level, k in enumerate(self.keys))
+                     for level, k in enumerate(self.active_counts))
 
     def excluded_below(self, level: int, children: torch.Tensor, users: torch.Tensor,
                        index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """How many of `users`' excluded active ads lie below each node `children` of depth `level + 1`
         (`index` from `exclusion_index`; `users` broadcasts against `children`)."""
-        wanted = users * len(self.keys[level]) + children
+        wanted = users * len(self.active_counts[level]) + children
         return torch.searchsorted(index[level], wanted, right=True) - torch.searchsorted(index[level], wanted)
 
     def node_of(self, prefixes: torch.Tensor) -> torch.Tensor:
@@ -107,8 +101,8 @@ class Trie:
             codes = prefixes[:, level]
             # an out-of-range code would alias a sibling subtree's key
             in_range = (codes >= 0) & (codes < self.level_sizes[level])
-            hit, child = self._lookup(level, nodes, codes.clamp(0, self.level_sizes[level] - 1))
-            nodes = torch.where(hit & in_range, child, -1)
+            child = self.live_children[level][nodes, codes.clamp(0, self.level_sizes[level] - 1)]
+            nodes = torch.where(in_range, child, -1)
         return nodes
 
     def codes_of_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -187,23 +181,26 @@ def build_trie(
     if [len(t) for t in token_ids] != list(level_sizes):
         raise ValueError(f"token_ids must have {level_sizes} entries per level")
     flags = torch.tensor(np.asarray(active, dtype=bool))
-    parents = np.zeros(len(codes), dtype=np.int64)
-    keys, nodes = [], []
+    parents, n_parents = np.zeros(len(codes), dtype=np.int64), 1
+    tables, nodes = [], []
     for level, size in enumerate(level_sizes):
-        level_keys, parents = np.unique(parents * size + codes[:, level], return_inverse=True)
-        keys.append(torch.from_numpy(level_keys))
+        keys, parents = np.unique(parents * size + codes[:, level], return_inverse=True)
+        table = np.full((n_parents + 1, size), -1, dtype=np.int64)  # + the row of node -1
+        table[keys // size, keys % size] = np.arange(len(keys))
+        tables.append(torch.from_numpy(table))
         nodes.append(torch.from_numpy(parents.reshape(-1)))
-    if len(keys[-1]) != len(codes):
+        n_parents = len(keys)
+    if n_parents != len(codes):
         raise ValueError("two ads share an S-ID: the last level must separate colliding ads")
     paths = torch.stack(nodes, dim=1)
-    counts = tuple(torch.bincount(paths[flags, level], minlength=len(k)) for level, k in enumerate(keys))
+    counts = tuple(torch.bincount(paths[flags, level], minlength=len(t) - 1) for level, t in enumerate(tables))
     leaf_row = torch.empty(len(codes), dtype=torch.long)
     leaf_row[paths[:, -1]] = torch.arange(len(codes))
     ad_ids = np.array(ad_ids, dtype=object)
     return Trie(
         level_sizes=level_sizes,
         token_ids=tuple(torch.as_tensor(t, dtype=torch.long, device="cpu").clone() for t in token_ids),
-        keys=tuple(keys),
+        children=tuple(tables),
         active_counts=counts,
         paths=paths,
         leaf_row=leaf_row,

@@ -148,7 +148,7 @@ def test_to_moves_every_tensor_and_leaves_the_original():
     assert trie.to("cpu") is trie and trie.to(torch.device("cpu")) is trie
     # "meta" has no data, but it shows where each tensor went: one left behind would stay on the CPU
     moved = trie.to("meta")
-    assert set(tensors_of(moved)) == set(tensors_of(trie)) and {"live_keys[0]", "paths[0]"} <= set(tensors_of(moved))
+    assert set(tensors_of(moved)) == set(tensors_of(trie)) and {"live_children[0]", "paths[0]"} <= set(tensors_of(moved))
     assert {name: t.device.type for name, t in tensors_of(moved).items()} == dict.fromkeys(tensors_of(trie), "meta")
     assert moved.device.type == "meta" and moved.to("meta") is moved
     assert all(t.device.type == "cpu" for t in tensors_of(trie).values())
