@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
         prompt_cfg = dataclasses.replace(section(config, "prompts", PromptConfig, str(args.config)), **VARIANTS[variant])
         build_prompts(args.data, work / "sids", work / f"prompts-{variant}", prompt_cfg)
         settings = section(config, "sft", TrainSettings, str(args.config), max_minutes=args.minutes, seed=args.seed,
-                           device=args.device)
+                           device=args.device, epochs=args.epochs)
         started = time.perf_counter()
         train_sft(work / f"prompts-{variant}", work / "sids", work / f"sft-{variant}", args.preset, settings,
                   config.get("model") or {})
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     gate = decide(document | {"model": "full"}, document | {"model": "no_dpo"}, DPO_POLICY) if "full" in results else None
     return {
         "name": args.name, "data": str(args.data), "config": str(args.config), "minutes_per_sft": args.minutes,
+        "epochs": args.epochs,
         "preset": args.preset, "eval_users": args.eval_users, "beam": args.beam, "sids": sids["stats"],
         "results": results, "intervals": report["intervals"], "protocol": report["protocol"],
         "dpo_gate": gate.as_dict() if gate else None,
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML config (prompts, model, sft, dpo sections)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--minutes", type=float, default=20.0, help="SFT wall-clock budget per variant")
+    parser.add_argument("--epochs", type=float, default=None, help="SFT epochs (default: the config's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--eval-users", type=int, default=None, help="evaluate a sample of users (default: all)")
     parser.add_argument("--beam", type=int, default=50)

@@ -34,9 +34,10 @@ def _data_movielens(args: argparse.Namespace) -> None:
     from leadre.schema import write_data_dir
 
     t0 = time.perf_counter()
-    tables, derived = load_movielens(args.path, args.min_positives)
-    tables = write_data_dir(tables, args.out, "data movielens", {"path": str(args.path)}, MOVIELENS_POSITIVE_ACTIONS,
-                            derived, inputs={"movielens": args.path}, min_positives=args.min_positives)
+    tables, derived = load_movielens(args.path, args.min_positives, args.last)
+    tables = write_data_dir(tables, args.out, "data movielens", {"path": str(args.path), "last": args.last},
+                            MOVIELENS_POSITIVE_ACTIONS, derived, inputs={"movielens": args.path},
+                            min_positives=args.min_positives)
     print(f"wrote {args.out}: {len(tables.users):,} users, {len(tables.ads):,} movies as ads, "
           f"{len(tables.events):,} interactions in {time.perf_counter() - t0:.1f}s")
 
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", type=Path, required=True, help="folder with movies.dat/ratings.dat/users.dat or u.data/u.item/u.user")
     p.add_argument("--out", type=Path, required=True, help="output data directory")
     p.add_argument("--min-positives", **min_positives)
+    p.add_argument("--last", type=int, default=None,
+                   help="keep each user's N latest ratings: a sparse cut (default: all)")
     p.set_defaults(func=_data_movielens)
 
     p = data_cmds.add_parser("interactions", help="load any (user, item, timestamp) log plus an item table")

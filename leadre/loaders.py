@@ -97,9 +97,11 @@ def _movie_ads(movies: pd.DataFrame, events: pd.DataFrame, genres: pd.Series, sp
     })
 
 
-def _rating_events(ratings: pd.DataFrame) -> pd.DataFrame:
+def _rating_events(ratings: pd.DataFrame, last: int | None) -> pd.DataFrame:
     for column in ("user_id", "movie_id", "rating", "ts"):
         ratings[column] = _int_column(ratings, column, "events")
+    if last is not None:  # a stable sort keeps file order among equal timestamps, as the split does
+        ratings = ratings.sort_values("ts", kind="stable").groupby("user_id", sort=False).tail(last).sort_index()
     return pd.DataFrame({
         "user_id": ratings["user_id"].astype(str),
         "item_id": ratings["movie_id"].astype(str),
@@ -118,17 +120,22 @@ def _keep_active_users(users: pd.DataFrame, events: pd.DataFrame) -> pd.DataFram
 MOVIELENS_POSITIVE_ACTIONS = ("rating",)
 
 
-def load_movielens(path: str | Path, min_positives: int = DEFAULT_MIN_POSITIVES) -> tuple[Tables, dict[str, str]]:
+def load_movielens(path: str | Path, min_positives: int = DEFAULT_MIN_POSITIVES,
+                   last: int | None = None) -> tuple[Tables, dict[str, str]]:
     """MovieLens-1M (`*.dat`, `::`) or -100K (`u.data`, `u.user`, `u.item`); returns tables and derived columns.
-    Every rating is a positive ('rating'); `min_positives` is the split's, which the derived eCPM depends on."""
+    Every rating is a positive ('rating'); `min_positives` is the split's, which the derived eCPM depends on.
+    `last` keeps only each user's `last` latest ratings: a sparse cut (a few positives per user, many ads nobody
+    rated), on which the derived eCPM is computed too."""
+    if last is not None and last < 1:
+        raise ValueError(f"last must be at least 1, got {last}")
     split = SplitSettings(MOVIELENS_POSITIVE_ACTIONS, min_positives)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such MovieLens directory")
     if (folder / "movies.dat").is_file():
-        tables = _load_ml1m(folder, split)
+        tables = _load_ml1m(folder, split, last)
     elif (folder / "u.item").is_file():
-        tables = _load_ml100k(folder, split)
+        tables = _load_ml100k(folder, split, last)
     else:
         raise FileNotFoundError(f"{folder}: neither MovieLens-1M (movies.dat) nor MovieLens-100K (u.item) files found")
     derived = {
@@ -140,14 +147,14 @@ def load_movielens(path: str | Path, min_positives: int = DEFAULT_MIN_POSITIVES)
     return tables, derived
 
 
-def _load_ml1m(folder: Path, split: SplitSettings) -> Tables:
+def _load_ml1m(folder: Path, split: SplitSettings, last: int | None) -> Tables:
     ratings_file = _find(folder, "ratings.dat") or next(iter(sorted(folder.glob("ratings*.dat*"))), None)
     if ratings_file is None:
         raise FileNotFoundError(f"{folder}: no ratings.dat (or ratings*.dat.gz)")
     movies = _read_delimited(folder / "movies.dat", "::", ["movie_id", "title", "genres"], "ads")
     movies["movie_id"] = _int_column(movies, "movie_id", "ads")
     ratings = _read_delimited(ratings_file, "::", ["user_id", "movie_id", "rating", "ts"], "events")
-    events = _rating_events(ratings)
+    events = _rating_events(ratings, last)
     users = _read_delimited(folder / "users.dat", "::", ["user_id", "gender", "age", "occupation", "zip"], "users")
     age, occupation = _int_column(users, "age", "users"), _int_column(users, "occupation", "users")
     users = pd.DataFrame({
@@ -167,7 +174,7 @@ def _age_bucket(age: pd.Series) -> pd.Series:
     return pd.cut(age, bins=bins, right=False, labels=list(ML1M_AGES.values())).astype(str)
 
 
-def _load_ml100k(folder: Path, split: SplitSettings) -> Tables:
+def _load_ml100k(folder: Path, split: SplitSettings, last: int | None) -> Tables:
     data = _find(folder, "u.data")
     if data is None:
         raise FileNotFoundError(f"{folder}: no u.data (or u.data.gz)")
@@ -178,7 +185,7 @@ def _load_ml100k(folder: Path, split: SplitSettings) -> Tables:
     flags = movies[genre_names].to_numpy() == "1"
     genres = pd.Series([[g for g, on in zip(genre_names, row) if on] or ["unknown"] for row in flags])
     ratings = _read_delimited(data, "\t", ["user_id", "movie_id", "rating", "ts"], "events")
-    events = _rating_events(ratings)
+    events = _rating_events(ratings, last)
     raw = _read_delimited(folder / "u.user", "|", ["user_id", "age", "gender", "occupation", "zip"], "users")
     users = pd.DataFrame({
         "user_id": _int_column(raw, "user_id", "users").astype(str),

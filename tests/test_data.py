@@ -226,6 +226,25 @@ def test_movielens_100k_loader(tmp_path: Path) -> None:
     assert tables.events["rating"].tolist() == [5, 3, 4]
 
 
+def test_movielens_last_keeps_each_users_latest_ratings(tmp_path: Path) -> None:
+    folder = tmp_path / "ml"
+    _write_ml1m(folder)
+    # user 1 rated 3 then 1 then 2 (file order differs from time order); user 2 once; two ratings share a time
+    (folder / "ratings_part.dat.gz").write_bytes(gzip.compress(
+        b"1::1::5::200\n1::2::3::300\n1::3::4::100\n2::3::4::150\n2::1::4::150\n"))
+    tables, _ = load_movielens(folder, min_positives=2, last=2)
+    kept = tables.events.groupby("user_id")["item_id"].apply(list).to_dict()
+    assert kept == {"1": ["1", "2"], "2": ["3", "1"]}  # equal timestamps: file order decides, as in the split
+    assert load_movielens(folder, min_positives=2)[0].events.shape[0] == 5
+    # the derived eCPM sees only the cut: movie 3's training interaction (user 1, t=100) is gone
+    full_ecpm = load_movielens(folder, min_positives=2)[0].ads.set_index("ad_id")["ecpm"]
+    assert tables.ads.set_index("ad_id")["ecpm"]["3"] < full_ecpm["3"]
+    assert main(["data", "movielens", "--path", str(folder), "--out", str(tmp_path / "d"), "--last", "2"]) == 0
+    assert read_manifest(tmp_path / "d")["parameters"]["last"] == 2
+    assert main(["data", "movielens", "--path", str(folder), "--out", str(tmp_path / "e"), "--last", "0"]) == 2
+    assert not (tmp_path / "e").exists()
+
+
 def test_movielens_bad_line_names_file_and_row(tmp_path: Path) -> None:
     _write_ml1m(tmp_path / "ml")
     (tmp_path / "ml" / "movies.dat").write_text("1::Toy Story (1995)::Comedy\n2::broken line\n")
