@@ -3,8 +3,9 @@
 A node at depth d is a distinct S-ID prefix of d codes. Each level keeps a dense child table (nodes at depth d ×
 codes of level d → child node, or -1), so "which codes may follow these beams" is one row gather over a whole batch:
 on a GPU the trie costs a couple of kernel launches per level, not a search. A table has at most
-min(ads, product of the earlier level sizes) rows of one level's codes (a million ads over 256 × 256 × 256 codes
-and an 8-way collision level: about 200 MB of int64), and grows with the ads, not with the whole code space.
+min(ads, product of the earlier level sizes) rows of one level's codes, and the trie holds two sets of them (all
+children, and the children with an active ad below): a million ads over 256 × 256 × 256 codes and an 8-way collision
+level take about 400 MB of int64; 12,000 ads at most 50 MB. They grow with the ads, not with the whole code space.
 
 Each node keeps the number of active ads below it; a prefix whose ads are all paused is not allowed. A `Trie` is
 never changed in place: `with_active` and `with_ads` return a new one, so serving can swap tries while a search
@@ -181,19 +182,19 @@ def build_trie(
     if [len(t) for t in token_ids] != list(level_sizes):
         raise ValueError(f"token_ids must have {level_sizes} entries per level")
     flags = torch.tensor(np.asarray(active, dtype=bool))
-    parents, n_parents = np.zeros(len(codes), dtype=np.int64), 1
+    parents, n_nodes = np.zeros(len(codes), dtype=np.int64), [1]  # nodes per depth: the root, then each level's
     tables, nodes = [], []
     for level, size in enumerate(level_sizes):
         keys, parents = np.unique(parents * size + codes[:, level], return_inverse=True)
-        table = np.full((n_parents + 1, size), -1, dtype=np.int64)  # + the row of node -1
+        table = np.full((n_nodes[-1] + 1, size), -1, dtype=np.int64)  # + the row of node -1
         table[keys // size, keys % size] = np.arange(len(keys))
         tables.append(torch.from_numpy(table))
         nodes.append(torch.from_numpy(parents.reshape(-1)))
-        n_parents = len(keys)
-    if n_parents != len(codes):
+        n_nodes.append(len(keys))
+    if n_nodes[-1] != len(codes):
         raise ValueError("two ads share an S-ID: the last level must separate colliding ads")
     paths = torch.stack(nodes, dim=1)
-    counts = tuple(torch.bincount(paths[flags, level], minlength=len(t) - 1) for level, t in enumerate(tables))
+    counts = tuple(torch.bincount(paths[flags, level], minlength=n_nodes[level + 1]) for level in range(len(tables)))
     leaf_row = torch.empty(len(codes), dtype=torch.long)
     leaf_row[paths[:, -1]] = torch.arange(len(codes))
     ad_ids = np.array(ad_ids, dtype=object)

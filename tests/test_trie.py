@@ -65,6 +65,18 @@ def test_allowed_paths_are_exactly_the_active_ads():
     check_against_reference(trie, {a: tuple(c) for a, c in zip(table.ad_ids, table.codes.tolist()) if a in active})
 
 
+def test_built_with_any_one_ad_inactive():
+    # the ad with the largest S-ID has the last node of every level: nothing active below must still be counted
+    table = random_table(12, LEVEL_SIZES, seed=3)
+    codes = {a: tuple(c) for a, c in zip(table.ad_ids, table.codes.tolist())}
+    for paused in table.ad_ids:
+        active = set(table.ad_ids) - {paused}
+        trie = trie_from_table(table, sid_ids_after_ordinary(LEVEL_SIZES), active_ads=active)
+        assert [len(c) for c in trie.active_counts] == [len(c) for c in trie_from_table(
+            table, sid_ids_after_ordinary(LEVEL_SIZES)).active_counts]
+        check_against_reference(trie, {a: codes[a] for a in active})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_random_add_pause_activate_sequences_match_reference(device):
     rng = np.random.default_rng(1)
