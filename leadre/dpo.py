@@ -25,7 +25,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from leadre.artifacts import read_manifest, write_artifact
-from leadre.devices import bf16_ok, describe, resolve_device
+from leadre.devices import describe, resolve_device, train_bf16
 from leadre.model import PRESETS, add_lora, load_model, save_model
 from leadre.prompts import PromptCatalogue, PromptConfig, build_prompt, user_timelines
 from leadre.recall import LLMRecaller
@@ -52,6 +52,7 @@ class DPOSettings:
     threads: int = 2
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (leadre.devices)
+    precision: str = "auto"  # auto (bf16 autocast where the device computes bf16 natively) | bf16 | fp32
 
     def __post_init__(self) -> None:
         if not 0 <= self.ecpm_share <= 1:
@@ -154,7 +155,8 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
     device = resolve_device(settings.device)
     if device.index is not None:
         torch.cuda.set_device(device)  # the Trainer places the model on the current CUDA device
-    log.info("dpo: training on %s%s", describe(device), " with bf16 autocast" if bf16_ok(device) else "")
+    bf16 = train_bf16(device, settings.precision)
+    log.info("dpo: training on %s%s", describe(device), " with bf16 autocast" if bf16 else " in float32")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     model, tokenizer, sft_meta = load_model(model_dir)
@@ -188,7 +190,7 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
         save_strategy="no",
         logging_steps=max(1, math.ceil(len(train_pairs) / settings.batch_size / 10)),
         report_to="none",
-        bf16=bf16_ok(device),
+        bf16=bf16,
         gradient_checkpointing=False,
         use_cpu=device.type == "cpu",
         seed=settings.seed,
@@ -219,7 +221,8 @@ def train_dpo(model_dir: str | Path, prompts_dir: str | Path, data_dir: str | Pa
             "sft_model": str(model_dir),
             "metrics": {"heldout_margin_before": margin_before, "heldout_margin_after": margin_after},
             "pairs": kinds,
-            "training": {"steps": trainer.state.global_step, "wall_seconds": round(wall, 1)},
+            "training": {"steps": trainer.state.global_step, "wall_seconds": round(wall, 1),
+                         "precision": "bf16" if bf16 else "fp32"},
         })
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         with open(tmp / "pairs.jsonl", "w") as f:

@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 
 from leadre.artifacts import read_manifest, write_artifact
 from leadre.config import ConfigError
-from leadre.devices import bf16_ok, describe, resolve_device
+from leadre.devices import describe, resolve_device, train_bf16
 from leadre.metrics import KS, ndcg_at, recall_at
 from leadre.model import PRESETS, build_model, create_model, resolve_config, save_model
 from leadre.prompts import TASKS, read_prompts
@@ -63,6 +63,7 @@ class TrainSettings:
     threads: int = 2
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (leadre.devices)
+    precision: str = "auto"  # auto (bf16 autocast where the device computes bf16 natively) | bf16 | fp32
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(TASKS)
@@ -211,7 +212,8 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
     device = resolve_device(settings.device)
     if device.index is not None:
         torch.cuda.set_device(device)  # the Trainer places the model on the current CUDA device
-    log.info("sft: training on %s%s", describe(device), " with bf16 autocast" if bf16_ok(device) else "")
+    bf16 = train_bf16(device, settings.precision)
+    log.info("sft: training on %s%s", describe(device), " with bf16 autocast" if bf16 else " in float32")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     train = read_prompts(prompts_dir, "train")
@@ -260,9 +262,9 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
         greater_is_better=True,
         logging_steps=max(1, min(50, eval_steps // 4)),
         report_to="none",
-        # bf16 autocast on GPUs that have it; on CPUs it (and activation recomputation, anywhere: the models are
-        # small) only costs time.
-        bf16=bf16_ok(device),
+        # bf16 autocast where the device computes it natively; activation recomputation only costs time (the models
+        # are small).
+        bf16=bf16,
         gradient_checkpointing=False,
         use_cpu=device.type == "cpu",
         seed=settings.seed,
@@ -301,6 +303,7 @@ def train_sft(prompts_dir: str | Path, sids_dir: str | Path, out: str | Path, pr
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "best_validation_recall@10": best,
             "training": {"steps": trainer.state.global_step, "epochs": settings.epochs, "wall_seconds": round(wall, 1),
+                         "precision": "bf16" if bf16 else "fp32",
                          "tokens_per_second": round(trained_tokens / max(clock.step_seconds, 1e-9), 1),
                          "stopped_at_time_budget": clock.stopped_early,
                          "examples_per_epoch": len(train_ds), "tokens_per_epoch": n_tokens,

@@ -10,7 +10,8 @@ import torch
 
 from leadre.cli import main
 from leadre.config import ConfigError, read_config, section
-from leadre.devices import DeviceError, inference_dtype, resolve_device
+from leadre import devices
+from leadre.devices import DeviceError, inference_dtype, resolve_device, train_bf16
 from leadre.dpo import DPOSettings
 from leadre.sft import TrainSettings
 
@@ -23,6 +24,24 @@ def test_cpu_and_auto_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device(None) == torch.device("cpu")
     assert inference_dtype(resolve_device("auto")) == torch.float32
+
+
+def test_cpu_training_precision_follows_the_cpus_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: True)
+    assert train_bf16(cpu) and train_bf16(cpu, "bf16") and not train_bf16(cpu, "fp32")
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: False)  # emulated bf16 is slower than float32
+    assert not train_bf16(cpu) and train_bf16(cpu, "bf16")
+    assert inference_dtype(cpu) == torch.float32  # decoding stays float32 on the CPU either way
+    with pytest.raises(DeviceError, match="unknown precision 'half'"):
+        train_bf16(cpu, "half")
+
+
+def test_native_cpu_bf16_reads_the_cpus_instruction_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for amx, avx512_bf16 in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        assert devices.native_cpu_bf16() is (amx or avx512_bf16)
 
 
 def test_auto_prefers_cuda_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
