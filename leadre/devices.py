@@ -58,7 +58,7 @@ def train_bf16(device: torch.device, precision: str = "auto") -> bool:
         raise DeviceError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return bf16_ok(device) or (device.type == "cpu" and native_cpu_bf16())
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not bf16_ok(device):
         raise DeviceError(f"precision 'bf16' requested, but {describe(device)} does not support bf16")
     return precision == "bf16"
 
