@@ -1,10 +1,12 @@
 """Recall quality under a CPU budget, with the ablations of the design: what each idea buys.
 
-    python bench/quality.py --data DIR --name NAME [--config YAML] [--minutes 20] [--split test]
+    python bench/quality.py --data DIR --name NAME [--config YAML] [--minutes 20] [--splits validation]
 
 One S-ID build, then per variant: prompts, SFT for at most `--minutes` of wall-clock time (the same budget for
 every variant), and for the full system DPO on top; finally one evaluation of every model and the baselines on the
 same users (leave-one-out, full ranking over the active ads; all evaluated users unless --eval-users samples).
+Choices are made on the validation split alone (`--splits validation`, half the evaluation time); the test split
+is for the final table: `--reuse --splits test` evaluates the models a run of the same name trained, untouched.
 Every cell carries its 95% confidence interval (bootstrap over users); "seen excluded" is the headline protocol.
 Variants:
 
@@ -42,21 +44,40 @@ VARIANTS = {
     "no_alignment": {"implicit_per_user": 0, "explicit_repeats": 0},
     "no_augmentation": {"templates": 1, "shuffle_profile": False, "reuse": "last"},
 }
+RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = [("validation", "seen_excluded"), ("test", "seen_excluded"), ("test", "seen_kept")]
+
+
+def _trained(artifact: Path, args: argparse.Namespace) -> bool:
+    """With --reuse, whether an earlier run of this name left `artifact` complete (its manifest is written last)."""
+    return args.reuse and (artifact / "manifest.json").is_file()
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """A re-evaluation's results sit beside the training run's, named by the splits evaluated."""
+    return "-" + "-".join(args.splits) if args.reuse else ""
 
 
 def run(args: argparse.Namespace) -> dict:
     config = read_config(args.config)
     work = args.work / args.name
     work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    earlier = RESULTS / f"quality-{args.name}.json"
+    # the training times of reused models are the earlier run's
+    timings: dict[str, float] = json.loads(earlier.read_text())["timings_seconds"] if args.reuse and earlier.is_file() else {}
 
     started = time.perf_counter()
-    sid_settings = section(config, "sids", SidSettings, str(args.config), seed=args.seed)
-    sids = build_sids(args.data, work / "sids", **dataclasses.asdict(sid_settings))
-    timings["sids"] = time.perf_counter() - started
+    if _trained(work / "sids", args):
+        sids = json.loads((work / "sids" / "manifest.json").read_text())
+    else:
+        sid_settings = section(config, "sids", SidSettings, str(args.config), seed=args.seed)
+        sids = build_sids(args.data, work / "sids", **dataclasses.asdict(sid_settings))
+        timings["sids"] = time.perf_counter() - started
     models: dict[str, Path] = {}
     for variant in args.variants:
+        models["no_dpo" if variant == "full" else variant] = work / f"sft-{variant}"
+        if _trained(work / f"sft-{variant}", args):
+            continue
         prompt_cfg = dataclasses.replace(section(config, "prompts", PromptConfig, str(args.config)), **VARIANTS[variant])
         build_prompts(args.data, work / "sids", work / f"prompts-{variant}", prompt_cfg)
         settings = section(config, "sft", TrainSettings, str(args.config), max_minutes=args.minutes, seed=args.seed,
@@ -65,21 +86,24 @@ def run(args: argparse.Namespace) -> dict:
         train_sft(work / f"prompts-{variant}", work / "sids", work / f"sft-{variant}", args.preset, settings,
                   config.get("model") or {})
         timings[f"sft-{variant}"] = time.perf_counter() - started
-        models["no_dpo" if variant == "full" else variant] = work / f"sft-{variant}"
-    if "full" in args.variants:
+    if "full" in args.variants and not _trained(work / "dpo-full", args):
         started = time.perf_counter()
         train_dpo(work / "sft-full", work / "prompts-full", args.data, work / "dpo-full",
                   section(config, "dpo", DPOSettings, str(args.config), seed=args.seed, device=args.device))
         timings["dpo-full"] = time.perf_counter() - started
+    if "full" in args.variants:
         models = {"full": work / "dpo-full", **models}
 
     started = time.perf_counter()
-    report = evaluate(list(models.values()), args.data, work / "sids", work / "evaluation", splits=("validation", "test"),
+    evaluation = work / f"evaluation{_suffix(args)}"
+    report = evaluate(list(models.values()), args.data, work / "sids", evaluation, splits=args.splits,
                       beam=args.beam, users=args.eval_users, names=list(models), device=args.device)
     timings["evaluate"] = time.perf_counter() - started
     results = report["results"]
-    document = read_evaluation(work / "evaluation")  # with the per-user values the gate's paired test reads
-    gate = decide(document | {"model": "full"}, document | {"model": "no_dpo"}, DPO_POLICY) if "full" in results else None
+    gate = None
+    if "full" in results and "validation" in args.splits:  # the gate decides on validation alone
+        document = read_evaluation(evaluation)  # with the per-user values the gate's paired test reads
+        gate = decide(document | {"model": "full"}, document | {"model": "no_dpo"}, DPO_POLICY)
     return {
         "name": args.name, "data": str(args.data), "config": str(args.config), "minutes_per_sft": args.minutes,
         "epochs": args.epochs,
@@ -99,19 +123,20 @@ def _cell(report: dict, name: str, split: str, variant: str) -> str:
 
 
 def table(report: dict) -> str:
-    head = ("| variant | " + " | ".join(f"R@10 / NDCG@10 {s}, {v.replace('_', ' ')}" for s, v in COLUMNS)
-            + " | eCPM@10 (test) | list length (test, seen excluded) |")
     users = {s: u["count"] for s, u in report["protocol"]["users"].items()}
+    columns = [(s, v) for s, v in COLUMNS if s in users]
+    last = columns[-1][0]  # the eCPM and list-length columns: test where it was evaluated
+    head = ("| variant | " + " | ".join(f"R@10 / NDCG@10 {s}, {v.replace('_', ' ')}" for s, v in columns)
+            + f" | eCPM@10 ({last}) | list length ({last}, seen excluded) |")
     lines = [f"# Quality: {report['name']} ({report['data']})", "",
              f"SFT budget {report['minutes_per_sft']} min per variant, preset {report['preset']}, beam {report['beam']}, "
              f"{report['machine']}, {report['device']}; users: " + ", ".join(f"{s} {n:,}" for s, n in users.items())
              + "; in brackets 95% confidence intervals (bootstrap over users).", "",
-             head, "|---" * (len(COLUMNS) + 3) + "|"]
+             head, "|---" * (len(columns) + 3) + "|"]
     for name, splits in report["results"].items():
-        cells = [_cell(report, name, s, v) for s, v in COLUMNS]
-        test = splits["test"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {test['seen_kept']['ecpm@10']:.2f} | "
-                     f"{test['seen_excluded']['list_length']:.1f} |")
+        cells = [_cell(report, name, s, v) for s, v in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {splits[last]['seen_kept']['ecpm@10']:.2f} | "
+                     f"{splits[last]['seen_excluded']['list_length']:.1f} |")
     if report["dpo_gate"]:
         lines += ["", f"DPO gate (full vs no_dpo, validation): {'promote' if report['dpo_gate']['promote'] else 'keep SFT'}"
                       f" — {report['dpo_gate']['reason']}"]
@@ -129,18 +154,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None, help="SFT epochs (default: the config's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--eval-users", type=int, default=None, help="evaluate a sample of users (default: all)")
+    parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=["validation", "test"],
+                        help="splits evaluated: validation alone while choosing, test for the final table")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the models an earlier run of this --name trained instead of training again")
     parser.add_argument("--beam", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda: training and decoding (leadre.devices)")
-    parser.add_argument("--work", type=Path, default=Path("bench/results/work"))
+    parser.add_argument("--work", type=Path, default=RESULTS / "work")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     report = run(args)
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality-{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(args)
+    (RESULTS / f"quality-{args.name}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = table(report)
-    (out / f"quality-{args.name}.md").write_text(markdown)
+    (RESULTS / f"quality-{args.name}{suffix}.md").write_text(markdown)
     print(markdown)
 
 

@@ -3,12 +3,13 @@
 `apply` and `materialize` write the repository's offline sources (parquet under `<repo>/data/`) from a canonical
 data directory, then register the definitions or copy the latest values to the online store (SQLite locally, Redis
 in production). The other functions are the serving hot path: one `get_online_features` call per batch, with the
-feature references resolved once here. A failing online store raises `FeatureStoreUnavailable`, the one type the
-predictors catch to degrade to their fallback.
+feature references resolved once here, and for the recall service a read below it (`OnlineReader`). A failing
+online store raises `FeatureStoreUnavailable`, the one type the predictors catch to degrade to their fallback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -259,29 +260,75 @@ def recall_lists(store: FeatureStore, user_ids: Sequence[str]) -> dict[str, dict
     return _recall_rows(user_ids, _online(store, RECALL_REFS, "user_id", user_ids)) if user_ids else {}
 
 
-def reads_async(store: FeatureStore) -> bool:
-    """Whether the online store has its own asyncio client (Redis does; SQLite, a local file, does not)."""
-    from feast.infra.online_stores.online_store import OnlineStore
+class OnlineReader:
+    """Feature references of one entity, read straight from the online store: the recall service's hot path.
 
-    online = store._get_provider().online_store
-    return type(online).online_read_async is not OnlineStore.online_read_async
+    `get_online_features` resolves the references against the registry, checks the entity rows and builds a
+    response table on every call, which costs more than the read itself for one user; here the feature views and
+    the online store are resolved once, and each call is one `online_read` per view (the asyncio client's, all
+    views at once, where the store has one: Redis), decoded from Feast's value protos. Values are what
+    `get_online_features(...).to_dict()` gives, without the join key. The views' names and features are fixed by
+    `feature_repo/`, so a later `features apply` does not change what this reads."""
+
+    def __init__(self, store: FeatureStore, refs: Sequence[str], join_key: str):
+        from feast.infra.online_stores.online_store import OnlineStore
+
+        self.config, self.join_key = store.config, join_key
+        self.online = store._get_provider().online_store
+        by_view: dict[str, list[str]] = {}
+        for ref in refs:
+            view, name = ref.split(":")
+            by_view.setdefault(view, []).append(name)
+        self.views = [(store.get_feature_view(view), names) for view, names in by_view.items()]
+        # Redis has its own asyncio client; SQLite, a local file, does not (its read runs in place)
+        self.use_async = type(self.online).online_read_async is not OnlineStore.online_read_async
+
+    def _keys(self, ids: Sequence[str]) -> list[Any]:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        return [EntityKey(join_keys=[self.join_key], entity_values=[Value(string_val=i)]) for i in ids]
+
+    def _values(self, rows_per_view: Sequence[Sequence[tuple[Any, dict[str, Any] | None]]]) -> dict[str, list[Any]]:
+        from feast.type_map import feast_value_type_to_python_type
+
+        values: dict[str, list[Any]] = {}
+        for (_, names), rows in zip(self.views, rows_per_view):
+            for name in names:
+                values[name] = [None if found is None or name not in found else
+                                feast_value_type_to_python_type(found[name]) for _, found in rows]
+        return values
+
+    def read(self, ids: Sequence[str]) -> dict[str, list[Any]]:
+        """Feature name -> values aligned with `ids` (None where an entity has no value)."""
+        keys = self._keys(ids)
+        with _online_store():  # a fresh list of names per call: Redis' online_read appends to it
+            return self._values([self.online.online_read(self.config, view, keys, list(names))
+                                 for view, names in self.views])
+
+    async def read_async(self, ids: Sequence[str]) -> dict[str, list[Any]]:
+        """`read` on the caller's event loop: through the store's asyncio client where it has one, else in place
+        (a local SQLite read takes a fraction of a millisecond, less than handing it to a thread and back)."""
+        if not self.use_async:
+            return self.read(ids)
+        keys = self._keys(ids)
+        with _online_store():
+            return self._values(await asyncio.gather(*(self.online.online_read_async(self.config, view, keys, list(names))
+                                                       for view, names in self.views)))
 
 
-async def recall_view(store: FeatureStore, user_ids: Sequence[str], use_async: bool
+def recall_reader(store: FeatureStore) -> OnlineReader:
+    """The reader of `recall_view`: the recall lists and the profile summary of users."""
+    return OnlineReader(store, RECALL_REFS + PROFILE_SUMMARY_REFS, "user_id")
+
+
+async def recall_view(reader: OnlineReader, user_ids: Sequence[str]
                       ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The recall service's one online read: `recall_lists` of `user_ids`, and per known user {"profile",
-    "n_ads", "n_contents"} (the behaviour lists' lengths, not the lists). Made on the caller's event loop: through
-    the store's asyncio client when `use_async` (a network store), else in place (a local SQLite read takes a
-    fraction of a millisecond, less than handing it to a thread and back under the GIL)."""
+    """The recall service's one online read (`reader` from `recall_reader`): `recall_lists` of `user_ids`, and per
+    known user {"profile", "n_ads", "n_contents"} (the behaviour lists' lengths, not the lists)."""
     if not user_ids:
         return {}, {}
-    refs = RECALL_REFS + PROFILE_SUMMARY_REFS
-    if use_async:
-        with _online_store():
-            response = await store.get_online_features_async(features=refs, entity_rows={"user_id": list(user_ids)})
-        values = response.to_dict()
-    else:
-        values = _online(store, refs, "user_id", user_ids)
+    values = await reader.read_async(user_ids)
     summaries = {u: {"profile": json.loads(profile) if profile else {}, "n_ads": int(n_ads or 0),
                      "n_contents": int(n_contents or 0)}
                  for u, profile, n_ads, n_contents in zip(user_ids, values["profile"], values["n_recent_ads"],

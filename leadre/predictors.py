@@ -250,7 +250,7 @@ class RecallModel(Predictor):
 
     def load(self) -> bool:
         super().load()
-        self.async_reads = features.reads_async(self.store)
+        self.reader = features.recall_reader(self.store)
         return self.ready
 
     async def predict(self, payload: tuple[list[Query], InferRequest | None], headers: dict[str, str] | None = None):
@@ -258,7 +258,7 @@ class RecallModel(Predictor):
         snapshot = self.snapshot
         users = list(dict.fromkeys(q.user_id for q in queries))
         try:
-            lists, feats = await features.recall_view(self.store, users, self.async_reads)
+            lists, feats = await features.recall_view(self.reader, users)
             ok = True
         except features.FeatureStoreUnavailable as e:
             STORE_ERRORS.labels(self.name).inc()

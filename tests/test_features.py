@@ -86,10 +86,19 @@ def check_store(store, tables: Tables, data_dir: Path) -> None:
     assert (first["ad_ids"], first["scores"], first["model_version"]) == (["ad001", "ad002"], [-0.5, -1.5], "sft-abc")
     assert abs(first["generated_at"] - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=5)
     assert lists[users[1]]["generated_at"] == generated  # a stale list is recognisable
-    # The recall service's one read: the same answers, on the event loop (Redis through its asyncio client).
-    production = store.config.online_store.type == "redis"
-    assert features.reads_async(store) == production
-    view = asyncio.run(features.recall_view(store, users[:3] + ["nobody"], production))
+    # The recall service's one read, below get_online_features: the same values, on the event loop (Redis through
+    # its asyncio client), for users with a list, without one, and unknown.
+    reader = features.recall_reader(store)
+    assert reader.use_async == (store.config.online_store.type == "redis")
+    asked = users[:3] + ["nobody"]
+    expected = store.get_online_features(features=features.RECALL_REFS + features.PROFILE_SUMMARY_REFS,
+                                         entity_rows={"user_id": asked}).to_dict()
+
+    async def both() -> tuple:  # one event loop, as in a server: Feast's asyncio Redis client is bound to its loop
+        return await reader.read_async(asked), await features.recall_view(reader, asked)
+
+    read_async, view = asyncio.run(both())
+    assert reader.read(asked) == read_async == {k: v for k, v in expected.items() if k != "user_id"}
     assert view == (lists, {u: {"profile": got[u]["profile"], "n_ads": len(got[u]["ads"]),
                                 "n_contents": len(got[u]["contents"])} for u in users[:3]})
 
@@ -142,11 +151,14 @@ def test_redis_outage_raises_one_catchable_type_and_recovers(redis_outage, tiny_
     apply_and_materialize(repo, tiny_data_dir, "--production")
     store = features.open_store(repo, production=True)
     assert "u000" in features.user_features(store, ["u000"])
+    reader = features.recall_reader(store)
+    loop = asyncio.new_event_loop()  # the one loop of a server (Feast's asyncio Redis client is bound to its loop)
 
     redis_outage.stop()
     row = {"user_id": "u000", "ad_ids": ["ad001"], "scores": [-1.0], "model_version": "v"}
     for call in (lambda: features.user_features(store, ["u000"]), lambda: features.recall_lists(store, ["u000"]),
                  lambda: features.ad_status(store, ["ad001"]), lambda: features.push_recall_lists(store, [row]),
+                 lambda: reader.read(["u000"]), lambda: loop.run_until_complete(features.recall_view(reader, ["u000"])),
                  lambda: features.set_ad_status(store, pd.DataFrame({"ad_id": ["ad001"], "active": [False],
                                                                      "ecpm": [1.0]}))):
         with pytest.raises(FeatureStoreUnavailable, match="unavailable"):
@@ -157,6 +169,8 @@ def test_redis_outage_raises_one_catchable_type_and_recovers(redis_outage, tiny_
     assert features.recall_lists(store, ["u000"]) == {}
     features.push_recall_lists(store, [row])
     assert features.recall_lists(store, ["u000"])["u000"]["ad_ids"] == ["ad001"]
+    assert loop.run_until_complete(features.recall_view(reader, ["u000"]))[0]["u000"]["ad_ids"] == ["ad001"]
+    loop.close()
 
 
 def test_bad_inputs_give_clear_errors(local_repo: Path, tiny_data_dir: Path, tmp_path: Path,
