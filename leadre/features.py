@@ -265,8 +265,8 @@ class OnlineReader:
 
     `get_online_features` resolves the references against the registry, checks the entity rows and builds a
     response table on every call, which costs more than the read itself for one user; here the feature views and
-    the online store are resolved once, and each call is one `online_read` per view (the asyncio client's, all
-    views at once, where the store has one: Redis), decoded from Feast's value protos. Values are what
+    the online store are resolved once, and each call is one `online_read` per view (on Redis, one pipeline on its
+    asyncio client for all views), decoded from Feast's value protos. Values are what
     `get_online_features(...).to_dict()` gives, without the join key. The views' names and features are fixed by
     `feature_repo/`, so a later `features apply` does not change what this reads."""
 
@@ -282,6 +282,15 @@ class OnlineReader:
         self.views = [(store.get_feature_view(view), names) for view, names in by_view.items()]
         # Redis has its own asyncio client; SQLite, a local file, does not (its read runs in place)
         self.use_async = type(self.online).online_read_async is not OnlineStore.online_read_async
+        self._redis_fields = None  # per view: (stored name, hash fields, names they decode to), timestamp last
+        if self.config.online_store.type == "redis" and self.config.online_store.redis_type == "redis":
+            from feast.infra.online_stores.redis import _versioned_fv_name
+
+            self._redis_fields = []
+            for view, names in self.views:
+                decoded, hset_keys = self.online._generate_hset_keys_for_features(
+                    view, list(names), fv_name_override=_versioned_fv_name(view, self.config))
+                self._redis_fields.append((_versioned_fv_name(view, self.config), hset_keys, decoded))
 
     def _keys(self, ids: Sequence[str]) -> list[Any]:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -313,8 +322,28 @@ class OnlineReader:
             return self.read(ids)
         keys = self._keys(ids)
         with _online_store():
+            if self._redis_fields is not None:
+                return self._values(await self._read_redis(keys))
             return self._values(await asyncio.gather(*(self.online.online_read_async(self.config, view, keys, list(names))
                                                        for view, names in self.views)))
+
+    async def _read_redis(self, keys: Sequence[Any]) -> list[list[tuple[Any, dict[str, Any] | None]]]:
+        """Every view of an entity sits in one Redis hash: one HMGET per entity for all views, in one pipeline
+        (Feast's `online_read_async` makes one pipeline, so one round trip, per view). Uses the Redis store's
+        key and field layout; `tests/test_features.py` checks it against `get_online_features` on a real Redis."""
+        client = await self.online._get_client_async(self.config.online_store)
+        redis_keys = self.online._generate_redis_keys_for_entities(self.config, keys)
+        fields = [f for _, hset_keys, _ in self._redis_fields for f in hset_keys]
+        async with client.pipeline(transaction=False) as pipe:
+            for key in redis_keys:
+                pipe.hmget(key, fields)
+            replies = await pipe.execute()
+        rows, start = [], 0
+        for view_name, hset_keys, names in self._redis_fields:
+            values = [reply[start:start + len(hset_keys)] for reply in replies]
+            rows.append(self.online._convert_redis_values_to_protobuf(values, view_name, list(names)))
+            start += len(hset_keys)
+        return rows
 
 
 def recall_reader(store: FeatureStore) -> OnlineReader:

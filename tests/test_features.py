@@ -89,7 +89,7 @@ def check_store(store, tables: Tables, data_dir: Path) -> None:
     # The recall service's one read, below get_online_features: the same values, on the event loop (Redis through
     # its asyncio client), for users with a list, without one, and unknown.
     reader = features.recall_reader(store)
-    assert reader.use_async == (store.config.online_store.type == "redis")
+    assert reader.use_async == (reader._redis_fields is not None) == (store.config.online_store.type == "redis")
     asked = users[:3] + ["nobody"]
     expected = store.get_online_features(features=features.RECALL_REFS + features.PROFILE_SUMMARY_REFS,
                                          entity_rows={"user_id": asked}).to_dict()
