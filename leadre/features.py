@@ -288,9 +288,9 @@ class OnlineReader:
 
             self._redis_fields = []
             for view, names in self.views:
-                decoded, hset_keys = self.online._generate_hset_keys_for_features(
-                    view, list(names), fv_name_override=_versioned_fv_name(view, self.config))
-                self._redis_fields.append((_versioned_fv_name(view, self.config), hset_keys, decoded))
+                stored = _versioned_fv_name(view, self.config)
+                decoded, hset_keys = self.online._generate_hset_keys_for_features(view, list(names), fv_name_override=stored)
+                self._redis_fields.append((stored, hset_keys, decoded))
 
     def _keys(self, ids: Sequence[str]) -> list[Any]:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
