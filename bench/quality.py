@@ -62,9 +62,14 @@ def run(args: argparse.Namespace) -> dict:
     config = read_config(args.config)
     work = args.work / args.name
     work.mkdir(parents=True, exist_ok=True)
-    earlier = RESULTS / f"quality-{args.name}.json"
-    # the training times of reused models are the earlier run's
-    timings: dict[str, float] = json.loads(earlier.read_text())["timings_seconds"] if args.reuse and earlier.is_file() else {}
+    earlier = args.results / f"quality-{args.name}.json"
+    timings: dict[str, float] = {}
+    if args.reuse and earlier.is_file():
+        trained_with = json.loads(earlier.read_text())
+        for key, value in (("data", str(args.data)), ("config", str(args.config)), ("preset", args.preset)):
+            if trained_with[key] != value:
+                raise SystemExit(f"--reuse: {earlier} was trained with {key} {trained_with[key]!r}, not {value!r}")
+        timings = trained_with["timings_seconds"]  # the training times of reused models are the earlier run's
 
     started = time.perf_counter()
     if _trained(work / "sids", args):
@@ -144,7 +149,7 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a data directory (leadre data synth / movielens)")
     parser.add_argument("--name", required=True, help="names the results: bench/results/quality-NAME.*")
@@ -162,14 +167,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda: training and decoding (leadre.devices)")
     parser.add_argument("--work", type=Path, default=RESULTS / "work")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where quality-NAME.{json,md} go")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     report = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     suffix = _suffix(args)
-    (RESULTS / f"quality-{args.name}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.results / f"quality-{args.name}{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = table(report)
-    (RESULTS / f"quality-{args.name}{suffix}.md").write_text(markdown)
+    (args.results / f"quality-{args.name}{suffix}.md").write_text(markdown)
     print(markdown)
 
 
