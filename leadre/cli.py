@@ -80,7 +80,7 @@ def _sids_build(args: argparse.Namespace) -> None:
 
     settings = section(read_config(args.config), "sids", SidSettings, str(args.config), levels=args.levels,
                        codes=args.codes, seed=args.seed, iters=args.iters, behaviour_weight=args.behaviour_weight,
-                       behaviour_dim=args.behaviour_dim, window=args.window)
+                       behaviour_dim=args.behaviour_dim, window=args.window, quantizer=args.quantizer)
     manifest = build_sids(args.data, args.out, **dataclasses.asdict(settings), cache_dir=args.cache,
                           batch_size=args.batch_size)
     print(f"wrote {args.out}: S-IDs {manifest['level_sizes']}; {summary(manifest['stats'])}")
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "into the text vectors before quantising (default 0.3; 0: text only)")
     p.add_argument("--behaviour-dim", type=int, default=None, help="dimensions of the co-occurrence embedding (default 64)")
     p.add_argument("--window", type=int, default=None, help="positives at most this far apart co-occur (default 5)")
+    p.add_argument("--quantizer", choices=("residual", "tree"), default=None,
+                   help="residual: one codebook per level (default); tree: each code split by its own k-means")
     p.add_argument("--cache", type=Path, default=None, help=cache_help)
     p.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch (default 64)")
     p.set_defaults(func=_sids_build)

@@ -2,12 +2,14 @@
 
 An ad's vector is its text embedding, optionally blended with a behaviour embedding (item co-occurrence among
 training positives) because text alone knows nothing about what users consume together (DESIGN §8). Residual
-k-means (RQ-KMeans) quantises the vectors into L levels of K codes; a last level numbers the ads that share all
-L codes (0, 1, 2, ... per bucket) so that every ad's S-ID is unique. The codebooks are frozen in the artifact:
+k-means (RQ-KMeans) quantises the vectors into L levels of K codes (`quantizer: tree` instead splits each code by
+its own k-means, see `tree_kmeans`); a last level numbers the ads that share all L codes (0, 1, 2, ... per bucket)
+so that every ad's S-ID is unique. The codebooks are frozen in the artifact:
 `assign_sids` gives new ads S-IDs from them without retraining.
 
-Artifact (`sids build` / `sids assign`): `sids.parquet` (see `leadre.sid`), `codebooks.safetensors` (one K × D
-tensor per level; the metadata says how vectors are made), `stats.json`, `manifest.json`.
+Artifact (`sids build` / `sids assign`): `sids.parquet` (see `leadre.sid`), `codebooks.safetensors` (per level
+the centroids and each centroid's parent row in the level above, -1 where the codebook is shared; the metadata
+says how vectors are made), `stats.json`, `manifest.json`.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class SidSettings:
     behaviour_weight: float = DEFAULT_BEHAVIOUR_WEIGHT
     behaviour_dim: int = 64
     window: int = 5
+    quantizer: str = "residual"  # residual: one codebook per level; tree: one per code of the level above
 
     def __post_init__(self) -> None:
-        _check_parameters(self.levels, self.codes, self.behaviour_weight, self.behaviour_dim, self.window, self.iters)
+        _check_parameters(self.levels, self.codes, self.behaviour_weight, self.behaviour_dim, self.window, self.iters,
+                          self.quantizer)
 
 
 # ---------------------------------------------------------------------------------------------------- k-means / RQ
@@ -134,26 +138,70 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> tuple[np.nd
     return centroids, _nearest(x, centroids)[0]
 
 
-def residual_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, iters: int = 25) -> tuple[list[np.ndarray], np.ndarray]:
+# A level's codebook is (centroids (M, D), parent (M,)): parent -1 marks a codebook shared by every node of the level
+# above (residual k-means); otherwise parent[j] is the row of the level above whose members centroid j splits (tree
+# k-means), and a code is the index among its parent's centroids. One representation, one `quantize`, for both.
+Codebook = tuple[np.ndarray, np.ndarray]
+QUANTIZERS = ("residual", "tree")
+
+
+def residual_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, iters: int = 25) -> tuple[list[Codebook], np.ndarray]:
     """RQ-KMeans: k-means on x, then on what each level leaves unexplained. (codebooks, codes (N, levels))."""
     residual = np.array(x, dtype=np.float32)
     codebooks, codes = [], []
     for level in range(levels):
         centroids, assign = kmeans(residual, k, seed + level, iters)
         residual -= centroids[assign]
-        codebooks.append(centroids)
+        codebooks.append((centroids, np.full(k, -1, dtype=np.int64)))
         codes.append(assign)
     return codebooks, np.stack(codes, axis=1)
 
 
-def quantize(x: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarray:
-    """Codes of vectors under frozen codebooks: the nearest centroid per level on the residuals."""
+def tree_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, iters: int = 25) -> tuple[list[Codebook], np.ndarray]:
+    """Hierarchical k-means: each code of a level is split by its own k-means (min(k, members) codes) on its members'
+    residuals, so a deeper code means something only under its parent. With a shared codebook (residual k-means)
+    two levels of K codes address far fewer than K² groups of a small catalogue; per-parent codebooks use them all.
+    """
     residual = np.array(x, dtype=np.float32)
+    centroids, node = kmeans(residual, k, seed, iters)
+    residual -= centroids[node]
+    codebooks, codes = [(centroids, np.full(k, -1, dtype=np.int64))], [node]
+    for level in range(1, levels):
+        level_centroids, parents = [], []
+        code, child = np.empty(len(x), dtype=np.int64), np.empty(len(x), dtype=np.int64)
+        for parent in np.unique(node):
+            members = np.flatnonzero(node == parent)
+            centroids, assign = kmeans(residual[members], min(k, len(members)), seed + level, iters)
+            code[members], child[members] = assign, len(parents) + assign  # child: the row in this level's codebook
+            residual[members] -= centroids[assign]
+            level_centroids.append(centroids)
+            parents += [parent] * len(centroids)
+        codebooks.append((np.concatenate(level_centroids), np.array(parents, dtype=np.int64)))
+        codes.append(code)
+        node = child
+    return codebooks, np.stack(codes, axis=1)
+
+
+def quantize(x: np.ndarray, codebooks: list[Codebook]) -> np.ndarray:
+    """Codes of vectors under frozen codebooks: per level, the nearest centroid among those of the vector's parent
+    (all of them where the level's codebook is shared), on the residuals."""
+    residual = np.array(x, dtype=np.float32)
+    node = np.zeros(len(x), dtype=np.int64)  # the row each vector took in the level above
     codes = []
-    for centroids in codebooks:
-        assign = _nearest(residual, centroids)[0]
-        residual -= centroids[assign]
-        codes.append(assign)
+    for level, (centroids, parent) in enumerate(codebooks):
+        code, chosen = np.full(len(x), -1, dtype=np.int64), np.empty(len(x), dtype=np.int64)
+        for owner in np.unique(parent):
+            candidates = np.flatnonzero(parent == owner)
+            rows = np.arange(len(x)) if owner < 0 else np.flatnonzero(node == owner)
+            if len(rows):
+                code[rows] = _nearest(residual[rows], centroids[candidates])[0]
+                chosen[rows] = candidates[code[rows]]
+        if (code < 0).any():
+            raise ValueError(f"codebooks: level {level} has no centroid under the level-{level - 1} code of "
+                             f"{int((code < 0).sum())} vectors (a corrupt codebook file)")
+        residual -= centroids[chosen]
+        node = chosen
+        codes.append(code)
     return np.stack(codes, axis=1)
 
 
@@ -300,7 +348,9 @@ def next_ad_first_code(split: Split, ad_ids: pd.Index, first: np.ndarray) -> dic
 # ------------------------------------------------------------------------------------------------- build / assign
 
 def _check_parameters(levels: int, codes: int, behaviour_weight: float, behaviour_dim: int, window: int,
-                      iters: int) -> None:
+                      iters: int, quantizer: str) -> None:
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     if not 1 <= levels <= len(LEVEL_LETTERS) - 1:
         raise ValueError(f"levels must be between 1 and {len(LEVEL_LETTERS) - 1} (one letter per level plus the collision level), got {levels}")
     if codes < 1:
@@ -311,19 +361,27 @@ def _check_parameters(levels: int, codes: int, behaviour_weight: float, behaviou
         raise ValueError(f"behaviour dim, window and iterations must be at least 1, got {behaviour_dim}, {window}, {iters}")
 
 
-def _save_codebooks(folder: Path, codebooks: list[np.ndarray], vectors: dict[str, Any]) -> None:
-    save_file({f"level_{i}": np.ascontiguousarray(c) for i, c in enumerate(codebooks)}, str(folder / CODEBOOKS),
-              metadata={"vectors": json.dumps(vectors, sort_keys=True)})
+def _save_codebooks(folder: Path, codebooks: list[Codebook], vectors: dict[str, Any]) -> None:
+    tensors = {}
+    for i, (centroids, parent) in enumerate(codebooks):
+        tensors[f"level_{i}"], tensors[f"level_{i}_parent"] = np.ascontiguousarray(centroids), np.ascontiguousarray(parent)
+    save_file(tensors, str(folder / CODEBOOKS), metadata={"vectors": json.dumps(vectors, sort_keys=True)})
 
 
-def load_codebooks(folder: str | Path) -> tuple[list[np.ndarray], dict[str, Any]]:
+def load_codebooks(folder: str | Path) -> tuple[list[Codebook], dict[str, Any]]:
     """(codebooks, how vectors are made: encoder, text_dim, behaviour_weight, behaviour_dim) of an S-ID artifact."""
     file = Path(folder) / CODEBOOKS
     if not file.is_file():
         raise FileNotFoundError(f"{folder}: no {CODEBOOKS}; was it written by `leadre sids build`?")
     with safe_open(str(file), framework="numpy") as f:
         vectors = json.loads(f.metadata()["vectors"])
-        codebooks = [f.get_tensor(f"level_{i}") for i in range(len(f.keys()))]
+        keys = set(f.keys())
+        codebooks = []
+        for i in range(sum(1 for key in keys if not key.endswith("_parent"))):
+            centroids = f.get_tensor(f"level_{i}")
+            # Artifacts written before tree k-means have one shared codebook per level and no parent tensors.
+            shared = np.full(len(centroids), -1, dtype=np.int64)
+            codebooks.append((centroids, f.get_tensor(f"level_{i}_parent") if f"level_{i}_parent" in keys else shared))
     return codebooks, vectors
 
 
@@ -337,13 +395,14 @@ def build_sids(
     behaviour_weight: float = SidSettings.behaviour_weight,
     behaviour_dim: int = SidSettings.behaviour_dim,
     window: int = SidSettings.window,
+    quantizer: str = SidSettings.quantizer,
     encoder: Encoder | None = None,
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the S-ID artifact of a data directory; returns its manifest."""
-    _check_parameters(levels, codes, behaviour_weight, behaviour_dim, window, iters)
+    _check_parameters(levels, codes, behaviour_weight, behaviour_dim, window, iters, quantizer)
     t0 = time.perf_counter()
     tables = read_data_dir(data_dir)
     settings = split_settings_of(data_dir)
@@ -362,7 +421,7 @@ def build_sids(
         with_behaviour = int((np.abs(behaviour).sum(1) > 0).sum())
     x = blend(text, behaviour, behaviour_weight)
     k = effective_codes(len(ads), codes)
-    codebooks, prefix = residual_kmeans(x, levels, k, seed, iters)
+    codebooks, prefix = (tree_kmeans if quantizer == "tree" else residual_kmeans)(x, levels, k, seed, iters)
     popularity = train_targets["item_id"].value_counts().reindex(ad_ids, fill_value=0).to_numpy()
     all_codes = np.column_stack([prefix, separate_collisions(prefix, priority=popularity)])
     level_sizes = [k] * levels + [int(all_codes[:, -1].max()) + 1]
@@ -375,7 +434,7 @@ def build_sids(
     vectors = {"encoder": encoder.name, "text_dim": int(text.shape[1]), "behaviour_weight": behaviour_weight,
                "behaviour_dim": behaviour_dim if behaviour is not None else 0}
     parameters = {"levels": levels, "codes": codes, "seed": seed, "iters": iters, "behaviour_weight": behaviour_weight,
-                  "behaviour_dim": behaviour_dim, "window": window, "encoder": encoder.name}
+                  "behaviour_dim": behaviour_dim, "window": window, "quantizer": quantizer, "encoder": encoder.name}
     table = SidTable(ad_ids=ads["ad_id"].to_numpy(dtype=str), codes=all_codes, level_sizes=tuple(level_sizes))
     with write_artifact(out, "sids build", inputs={"data": data_dir}, parameters=parameters) as (tmp, manifest):
         table.save(tmp)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from safetensors.numpy import save_file
 
 from leadre import semantic_ids as sids
 from leadre.cli import main
@@ -90,10 +91,48 @@ def test_kmeans_reseeds_empty_clusters() -> None:
 def test_residual_kmeans_and_quantize_agree() -> None:
     x, _ = blobs(n_per=40, centers=10, dim=24)
     books, codes = sids.residual_kmeans(x, levels=3, k=12, seed=0)
-    assert [b.shape for b in books] == [(12, 24)] * 3 and codes.shape == (400, 3)
+    assert [c.shape for c, _ in books] == [(12, 24)] * 3 and codes.shape == (400, 3)
+    assert all((parent == -1).all() for _, parent in books)  # one codebook shared per level
     assert np.array_equal(sids.quantize(x, books), codes)
     assert np.array_equal(sids.residual_kmeans(x, 3, 12, seed=0)[1], codes)
     assert not np.array_equal(sids.residual_kmeans(x, 3, 12, seed=1)[1], codes)
+
+
+def test_tree_kmeans_splits_each_code_by_its_own_codebook() -> None:
+    x, labels = blobs(n_per=30, centers=6, dim=16)
+    books, codes = sids.tree_kmeans(x, levels=2, k=6, seed=0)
+    (top, top_parent), (leaf, leaf_parent) = books
+    assert top.shape == (6, 16) and (top_parent == -1).all()
+    # every first-level code (a blob) gets min(k, members) = 6 children of its own
+    assert np.array_equal(np.bincount(leaf_parent), [6] * 6) and leaf.shape == (36, 16)
+    assert all(len(set(labels[codes[:, 0] == c])) == 1 for c in range(6))
+    # a second-level code is an index among the parent's children, and frozen codebooks give the same codes back
+    assert codes[:, 1].max() < 6 and np.array_equal(sids.quantize(x, books), codes)
+    # clusters spread along different axes: one shared second-level codebook cannot fit them all, per-parent ones do
+    rng = np.random.default_rng(0)
+    spread = np.concatenate([20.0 * i * np.eye(16)[0] + np.outer(rng.standard_normal(50), np.eye(16)[i]) * 3
+                             for i in range(1, 5)]).astype(np.float32)
+
+    def distortion(quantizer) -> float:
+        books, codes = quantizer(spread, levels=2, k=4, seed=0)
+        approx, node = np.zeros_like(spread), np.zeros(len(spread), dtype=np.int64)
+        for (centroids, parent), code in zip(books, codes.T):
+            node = np.array([np.flatnonzero(parent == (-1 if (parent < 0).all() else n))[c] for n, c in zip(node, code)])
+            approx += centroids[node]
+        return float(((spread - approx) ** 2).sum())
+
+    assert distortion(sids.tree_kmeans) < 0.5 * distortion(sids.residual_kmeans)
+    # a parent with fewer members than k gets one child per member
+    small, _ = sids.tree_kmeans(x[:9], levels=2, k=3, seed=0)
+    assert len(small[1][0]) == sum(min(3, int(n)) for n in np.bincount(sids.quantize(x[:9], small)[:, 0]))
+
+
+def test_quantize_refuses_a_codebook_without_children_for_a_code() -> None:
+    x, _ = blobs(n_per=10, centers=3, dim=8)
+    (top, top_parent), (leaf, leaf_parent) = sids.tree_kmeans(x, levels=2, k=3, seed=0)[0]
+    orphaned = leaf_parent != 0
+    with pytest.raises(ValueError, match="level 1 has no centroid under the level-0 code"):
+        sids.quantize(x, [(top, top_parent), (leaf[orphaned], leaf_parent[orphaned])])
 
 
 def test_separate_collisions_numbers_each_bucket_by_priority() -> None:
@@ -205,6 +244,7 @@ def test_build_gives_unique_deterministic_sids(built, tiny_data_dir: Path, tmp_p
 
     books, vectors = sids.load_codebooks(out)
     assert len(books) == 3 and vectors["encoder"] == "test-words" and vectors["behaviour_dim"] == 0
+    assert manifest["parameters"]["quantizer"] == "residual" and all((parent == -1).all() for _, parent in books)
 
     sids.build_sids(tiny_data_dir, tmp_path / "again", behaviour_weight=0.0, encoder=WordsEncoder(),
                     cache_dir=tmp_path / "cache", progress=False)
@@ -218,7 +258,7 @@ def test_build_with_behaviour_blend(tiny_data_dir: Path, tmp_path: Path) -> None
     assert manifest["vectors"] == {"encoder": "test-words", "text_dim": 64, "behaviour_weight": 0.4, "behaviour_dim": 8}
     assert manifest["counts"]["with_behaviour"] > 0 and manifest["level_sizes"][:2] == [8, 8]
     books, _ = sids.load_codebooks(tmp_path / "sids")
-    assert books[0].shape == (8, 64 + 8)
+    assert books[0][0].shape == (8, 64 + 8)
     table = load_sid_table(tmp_path / "sids").frame()
     assert table["sid"].is_unique
     sids.build_sids(tiny_data_dir, tmp_path / "again", levels=2, codes=8, behaviour_weight=0.4, behaviour_dim=8,
@@ -228,6 +268,7 @@ def test_build_with_behaviour_blend(tiny_data_dir: Path, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("option, message", [
     ({"levels": 0}, "levels"), ({"codes": 0}, "codes"), ({"behaviour_weight": 1.0}, "behaviour weight"),
+    ({"quantizer": "vq-vae"}, "quantizer must be one of residual, tree"),
 ])
 def test_build_rejects_bad_parameters(tiny_data_dir: Path, tmp_path: Path, option: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -269,6 +310,41 @@ def test_assign_keeps_old_ids_and_gives_new_ads_unique_ones(built, tiny_tables, 
     assert load_sid_table(tmp_path / "again").frame()["sid"].is_unique
 
 
+def test_tree_sids_build_and_assign(tiny_data_dir: Path, tiny_tables, tmp_path: Path) -> None:
+    manifest = sids.build_sids(tiny_data_dir, tmp_path / "sids", levels=2, codes=4, behaviour_weight=0.3,
+                               behaviour_dim=8, quantizer="tree", encoder=WordsEncoder(), cache_dir=tmp_path / "cache",
+                               progress=False)
+    assert manifest["parameters"]["quantizer"] == "tree" and manifest["level_sizes"][:2] == [4, 4]
+    books, _ = sids.load_codebooks(tmp_path / "sids")
+    assert (books[0][1] == -1).all() and (books[1][1] >= 0).all()
+    table = load_sid_table(tmp_path / "sids")
+    assert table.frame()["sid"].is_unique
+    # a second-level code exists only among its parent's children
+    children = np.bincount(books[1][1], minlength=4)
+    assert (table.codes[:, 1] < children[table.codes[:, 0]]).all()
+
+    fresh = tiny_tables.ads.head(4).assign(ad_id=["t1", "t2", "t3", "t4"])
+    sids.assign_sids(tmp_path / "sids", fresh, tmp_path / "assigned", encoder=WordsEncoder(),
+                     cache_dir=tmp_path / "cache", progress=False)
+    union = load_sid_table(tmp_path / "assigned")
+    assert union.frame()["sid"].is_unique
+    new = union.codes[union.rows(["t1", "t2", "t3", "t4"])]
+    assert (new[:, 1] < children[new[:, 0]]).all()
+    # the same text as an existing ad gets the same prefix under the frozen tree
+    old = table.codes[table.rows(list(tiny_tables.ads["ad_id"].head(4)))]
+    assert np.array_equal(new[:, :2], old[:, :2])
+
+
+def test_codebooks_written_before_tree_kmeans_still_load(built) -> None:
+    out, _ = built
+    books, vectors = sids.load_codebooks(out)
+    save_file({f"level_{i}": c for i, (c, _) in enumerate(books)}, str(out / sids.CODEBOOKS),
+              metadata={"vectors": json.dumps(vectors)})
+    legacy, _ = sids.load_codebooks(out)
+    assert len(legacy) == 3 and all((parent == -1).all() for _, parent in legacy)
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(books, legacy))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.drop(columns="title"), "ads.title: missing column"),
     (lambda a: pd.concat([a, a.tail(1)]), "ads.ad_id, row 3: duplicate id"),
@@ -308,6 +384,9 @@ def test_cli_build_and_assign(tiny_data_dir: Path, tiny_tables, tmp_path: Path, 
                  "--codes", "6", "--behaviour-weight", "0.3", "--cache", cache]) == 0
     assert "wrote" in capsys.readouterr().out
     assert load_sid_table(tmp_path / "s").level_sizes[:2] == (6, 6)
+    assert main(["sids", "build", "--data", str(tiny_data_dir), "--out", str(tmp_path / "tree"), "--levels", "2",
+                 "--codes", "6", "--quantizer", "tree", "--cache", cache]) == 0
+    assert json.loads((tmp_path / "tree" / "manifest.json").read_text())["parameters"]["quantizer"] == "tree"
 
     new = tiny_tables.ads.head(3).assign(ad_id=["x1", "x2", "x3"])
     new.to_csv(tmp_path / "new.csv", index=False)
