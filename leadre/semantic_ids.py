@@ -142,7 +142,6 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> tuple[np.nd
 # above (residual k-means); otherwise parent[j] is the row of the level above whose members centroid j splits (tree
 # k-means), and a code is the index among its parent's centroids. One representation, one `quantize`, for both.
 Codebook = tuple[np.ndarray, np.ndarray]
-QUANTIZERS = ("residual", "tree")
 
 
 def residual_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, iters: int = 25) -> tuple[list[Codebook], np.ndarray]:
@@ -180,6 +179,9 @@ def tree_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, iters: int = 
         codes.append(code)
         node = child
     return codebooks, np.stack(codes, axis=1)
+
+
+QUANTIZERS = {"residual": residual_kmeans, "tree": tree_kmeans}  # the `sids.quantizer` setting
 
 
 def quantize(x: np.ndarray, codebooks: list[Codebook]) -> np.ndarray:
@@ -421,7 +423,7 @@ def build_sids(
         with_behaviour = int((np.abs(behaviour).sum(1) > 0).sum())
     x = blend(text, behaviour, behaviour_weight)
     k = effective_codes(len(ads), codes)
-    codebooks, prefix = (tree_kmeans if quantizer == "tree" else residual_kmeans)(x, levels, k, seed, iters)
+    codebooks, prefix = QUANTIZERS[quantizer](x, levels, k, seed, iters)
     popularity = train_targets["item_id"].value_counts().reindex(ad_ids, fill_value=0).to_numpy()
     all_codes = np.column_stack([prefix, separate_collisions(prefix, priority=popularity)])
     level_sizes = [k] * levels + [int(all_codes[:, -1].max()) + 1]
