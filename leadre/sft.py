@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -128,7 +128,10 @@ class RecallSFTTrainer(SFTTrainer):
         # them) would get as large an optimiser step as a batch of long streams: on MovieLens-1M a third of all steps.
         if model.training:
             num_items_in_batch = self.response_tokens_per_batch
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The model's own cross-entropy, not TRL's fused log-prob head: the loss is the same, but the head's chunked
+        # fp32 backward and its per-step entropy and token-accuracy metrics made a MovieLens-1M step 1.37x slower.
+        inputs["use_cache"] = False
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)

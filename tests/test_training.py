@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from trl import SFTConfig
 
 from leadre.artifacts import read_manifest
 from leadre.cli import main
@@ -24,7 +25,7 @@ from leadre.model import load_model
 from leadre.prompts import build_prompts, read_prompts
 from leadre.recall import LLMRecaller
 from leadre.schema import read_data_dir, split_settings_of, write_data_dir
-from leadre.sft import TrainSettings, mix_examples, tokenize_examples
+from leadre.sft import RecallSFTTrainer, TrainSettings, mix_examples, tokenize_examples
 from leadre.sid import load_sid_table
 from leadre.split import SplitMismatch
 
@@ -51,6 +52,30 @@ def test_loss_is_on_the_response_only(tiny_prompts_dir: Path, tiny_sft_dir: Path
         response = [t for t, m in zip(ids, mask) if m]
         assert tokenizer.decode(response) == e["completion"]
         assert tokenizer.decode(ids) == e["prompt"] + e["completion"]
+
+
+def test_training_loss_sums_response_tokens_over_a_fixed_count(tiny_prompts_dir: Path, tiny_sids_dir: Path,
+                                                               tiny_sft_dir: Path, tmp_path: Path) -> None:
+    """The SFT loss is the summed negative log-likelihood of the response tokens over the per-batch response-token
+    count of the epoch, whatever the batch: checked against a cross-entropy computed here, and for a batch whose
+    own token count differs from that count."""
+    model, tokenizer, _ = load_model(tiny_sft_dir)
+    ds = tokenize_examples(read_prompts(tiny_prompts_dir, "train")[:8], tokenizer)
+    per_batch = 1000.0
+    trainer = RecallSFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), completion_only_loss=True,
+                                                           use_cpu=True, report_to="none"),
+                               train_dataset=ds, processing_class=tokenizer, sids=load_sid_table(tiny_sids_dir),
+                               recall_examples=[], beam=4, response_tokens_per_batch=per_batch)
+    batch = next(iter(trainer.get_train_dataloader()))  # all 8 examples, prepared as training prepares them
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+    assert (labels != -100).sum() == sum(sum(m) for m in ds["completion_mask"]) != per_batch
+    assert loss.item() == pytest.approx(nll.item() / per_batch, rel=1e-4)
+    assert loss.requires_grad
 
 
 def test_mix_ratios() -> None:
