@@ -82,6 +82,10 @@ class PromptConfig:
     reuse: str = "stream"  # stream: windows with loss on every ad; per_target: one example per positive; last: no reuse
     max_prompt_tokens: int = 512
     stream_max_ads: int = 100  # ads per stream window (the response)
+    # Windowings of each user's stream. Every pass after the first shifts the window boundaries by a random offset
+    # and draws its own template and profile order, so a model trained for several epochs meets each ad in new
+    # contexts instead of memorising one fixed set of windows.
+    stream_passes: int = 1
     max_content_items: int = 8
     max_content_tokens: int = 96
     top_categories: int = 4
@@ -96,7 +100,7 @@ class PromptConfig:
             raise ValueError(f"prompt config reuse={self.reuse!r}: expected stream, per_target or last")
         if not 1 <= self.templates <= len(TEMPLATES):
             raise ValueError(f"prompt config templates={self.templates}: expected 1..{len(TEMPLATES)}")
-        for name in ("max_prompt_tokens", "stream_max_ads"):
+        for name in ("max_prompt_tokens", "stream_max_ads", "stream_passes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"prompt config {name} must be positive")
 
@@ -345,6 +349,15 @@ def _profile_order(profile: dict[str, str], rng: np.random.Generator, cfg: Promp
     return [keys[i] for i in rng.permutation(len(keys))] if cfg.shuffle_profile else keys
 
 
+def _stream_windows(n_train: int, cfg: PromptConfig, rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+    """(start, end) of the stream windows over a user's first `n_train` positives, pass after pass; the first pass
+    starts at the oldest positive, each later one at a random offset (its first window is the short one)."""
+    for p in range(cfg.stream_passes):
+        offset = int(rng.integers(1, cfg.stream_max_ads)) if p and cfg.stream_max_ads > 1 else 0
+        bounds = [0, *range(offset or cfg.stream_max_ads, n_train, cfg.stream_max_ads), n_train]
+        yield from zip(bounds[:-1], bounds[1:])
+
+
 def _training_examples(t: UserTimeline, cat: PromptCatalogue, cfg: PromptConfig,
                        rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     """Training examples of one user from the positives of their training window."""
@@ -357,8 +370,7 @@ def _training_examples(t: UserTimeline, cat: PromptCatalogue, cfg: PromptConfig,
         return TEMPLATES[rng.integers(cfg.templates)], _profile_order(t.profile, rng, cfg)
 
     if cfg.reuse == "stream":
-        for start in range(0, n_train, cfg.stream_max_ads):
-            end = min(n_train, start + cfg.stream_max_ads)
+        for start, end in _stream_windows(n_train, cfg, rng):
             template, order = pick()
             head, _ = _fit(t.history(int(train_pos[start])), cat, cfg, template, order, cat.levels, max_ads=0)
             yield {"task": "stream", "template": template.name, "user_id": t.user_id, "targets": t.ads[start:end],

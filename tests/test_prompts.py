@@ -15,7 +15,7 @@ import pytest
 from leadre.artifacts import read_manifest, write_artifact
 from leadre.cli import main
 from leadre.prompts import (TEMPLATES, PromptCatalogue, PromptConfig, UserHistory, build_prompt, build_prompt_sets,
-                            count_pieces, read_prompts, user_timelines)
+                            _stream_windows, count_pieces, read_prompts, user_timelines)
 from leadre.schema import Tables
 from leadre.sid import TOKEN_RE, SidTable
 from leadre.split import leave_one_out
@@ -109,6 +109,31 @@ def test_training_targets_never_include_validation_or_test(built) -> None:
             mine = user_train[user_train["user_id"] == e["user_id"]]
             assert e["target"] in set(mine["item_id"]) and mine["pos"].max() < val_pos.get(e["user_id"], 10**9)
     assert held  # non-empty
+
+
+def test_stream_passes_cover_every_training_positive_once_each_with_shifted_windows(built) -> None:
+    tables, split, sids, _ = built
+    passes, size = 3, 5
+    for n_train in (1, 4, 5, 6, 23):
+        windows = list(_stream_windows(n_train, PromptConfig(stream_max_ads=size, stream_passes=passes),
+                                       np.random.default_rng(n_train)))
+        firsts = [i for i, (start, _) in enumerate(windows) if start == 0]
+        assert len(firsts) == passes  # each pass starts over at the oldest positive ...
+        for i, (start, end) in enumerate(windows):  # ... and its windows tile the positives in order
+            assert 0 <= start < end <= n_train and end - start <= size
+            assert end == n_train or windows[i + 1][0] == end
+        # the first pass is the plain windowing; a later pass's first boundary falls inside the first window
+        assert windows[: firsts[1]] == list(_stream_windows(n_train, PromptConfig(stream_max_ads=size),
+                                                            np.random.default_rng(0)))
+        assert all(windows[i][1] % size for i in firsts[1:])
+
+    sets = build_prompt_sets(tables, split, sids, PromptConfig(stream_max_ads=size, stream_passes=passes))
+    got: dict[str, Counter] = {}
+    for e in sets["train"]:
+        if e["task"] == "stream":
+            got.setdefault(e["user_id"], Counter()).update(e["targets"])
+    expected = split.train_targets().groupby("user_id")["item_id"].agg(list).to_dict()
+    assert got == {u: Counter({a: passes * n for a, n in Counter(v).items()}) for u, v in expected.items()}
 
 
 def test_eval_prompt_history_is_strictly_before_the_target(built) -> None:
